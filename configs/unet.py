@@ -1,0 +1,74 @@
+r"""U-Net (Ronneberger, Fischer, Brox 2015) on the ISBI-2012 EM membranes.
+
+Default (CPU-sized, what `make train` runs):
+
+  python scripts/train.py --config=configs/unet.py --workdir=runs/unet_isbi
+  python scripts/evaluate.py --config=configs/unet.py --workdir=runs/unet_isbi --best
+
+Presets (comma-separated after a colon, e.g. `configs/unet.py:runlocal`):
+  paper     the paper's network: depth 4, base width 64, VALID convolutions,
+            572x572 input tiles (388x388 output), overlap-tile evaluation,
+            SGD with momentum 0.99, batch 1, elastic deformations. For
+            accelerators.
+  valid     VALID padding and overlap-tile evaluation at CPU size.
+  runlocal  a tiny model and a few steps, for smoke tests.
+
+Result (default preset, this repository's 2-core CPU): see README.md.
+"""
+
+import ml_collections
+
+from fcn_jax import config_lib
+
+PRESETS = ("paper", "valid", "runlocal")
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    """Returns the U-Net config, with the presets named in `arg` applied."""
+    presets = config_lib.parse_presets(arg, PRESETS)
+    config = config_lib.default_config()
+
+    config.model.depth = 4
+    config.model.base_width = 16
+    config.data.crop_size = 256
+    config.data.batch_size = 4
+    config.data.augment.elastic_probability = 0.5
+    config.optim.name = "adam"
+    config.optim.learning_rate = 2e-3
+    config.schedule.name = "cosine"
+    config.schedule.warmup_steps = 20
+    config.train.num_steps = 600
+    config.eval.every_steps = 200
+
+    if "valid" in presets or "paper" in presets:
+        config.model.padding = "VALID"
+        config.eval.mode = "overlap_tile"
+        config.data.crop_size = 252
+        config.eval.tile_output_size = 164
+    if "paper" in presets:
+        config.model.base_width = 64
+        config.data.crop_size = 572
+        config.data.batch_size = 1
+        config.eval.tile_output_size = 388
+        config.data.augment.elastic_probability = 1.0
+        config.optim.name = "sgd"
+        config.optim.momentum = 0.99
+        config.optim.learning_rate = 1e-2
+        config.schedule.name = "constant"
+        config.schedule.warmup_steps = 0
+        config.train.num_steps = 20_000
+        config.eval.every_steps = 1000
+    if "runlocal" in presets:
+        config.model.depth = 2
+        config.model.base_width = 4
+        config.data.crop_size = 64
+        config.data.batch_size = 2
+        config.data.augment.elastic_probability = 0.0
+        config.eval.tile_output_size = 64
+        config.train.num_steps = 6
+        config.train.log_every_steps = 2
+        config.eval.every_steps = 3
+
+    config_lib.validate_config(config)
+    config.lock()
+    return config

@@ -1,0 +1,103 @@
+"""Orbax checkpoints of the train state and the data iterator's position.
+
+A workdir keeps the latest checkpoint and the best one by validation mean IoU.
+With `max_to_keep` plus `best_fn` alone, orbax would rank *all* checkpoints by
+the metric and could delete the latest, which a resume needs; the explicit
+preservation policy below keeps both.
+"""
+
+import math
+import os
+
+import grain
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+from orbax.checkpoint.checkpoint_managers import preservation_policy
+
+from fcn_jax.train_state import TrainState
+
+BEST_METRIC = "mean_iou"
+STATE_ITEM = "state"
+DATA_ITEM = "data_iterator"
+
+
+def checkpoint_dir(workdir: str) -> str:
+    return os.path.join(os.path.abspath(workdir), "checkpoints")
+
+
+def _best_metric(metrics: dict) -> float:
+    value = metrics.get(BEST_METRIC, float("nan"))
+    # NaN compares false with everything; rank it below any real score.
+    return float("-inf") if math.isnan(value) else value
+
+
+def create_checkpoint_manager(
+    workdir: str, config: ml_collections.ConfigDict, *, read_only: bool = False
+) -> ocp.CheckpointManager:
+    """A manager keeping the newest `ckpt.max_to_keep` steps and the best by mIoU."""
+    policy = preservation_policy.AnyPreservationPolicy(
+        policies=[
+            preservation_policy.LatestN(n=config.ckpt.max_to_keep),
+            preservation_policy.BestN(get_metric_fn=_best_metric, n=1),
+        ]
+    )
+    options = ocp.CheckpointManagerOptions(
+        best_fn=_best_metric,
+        best_mode="max",
+        preservation_policy=policy,
+        enable_async_checkpointing=config.ckpt.async_save and not read_only,
+        read_only=read_only,
+        create=not read_only,
+    )
+    return ocp.CheckpointManager(
+        checkpoint_dir(workdir),
+        options=options,
+        item_names=(STATE_ITEM, DATA_ITEM),
+    )
+
+
+def save(
+    manager: ocp.CheckpointManager,
+    state: TrainState,
+    data_iterator: grain.DataLoaderIterator,
+    metrics: dict[str, float],
+) -> None:
+    """Saves the state and the iterator's position at `state.step` (async)."""
+    step = int(jax.device_get(state.step))
+    manager.save(
+        step,
+        args=ocp.args.Composite(
+            **{
+                STATE_ITEM: ocp.args.StandardSave(state),
+                DATA_ITEM: grain.checkpoint.CheckpointSave(data_iterator),
+            }
+        ),
+        metrics=metrics,
+    )
+
+
+def restore_state(
+    manager: ocp.CheckpointManager,
+    step: int,
+    abstract_state: TrainState,
+    data_iterator: grain.DataLoaderIterator | None = None,
+) -> TrainState:
+    """Restores the state at `step` (and the iterator in place, if given).
+
+    Raises a ValueError that names the workdir if the checkpoint was written by a
+    model or optimizer whose parameter tree differs from `abstract_state`.
+    """
+    items = {STATE_ITEM: ocp.args.StandardRestore(abstract_state)}
+    if data_iterator is not None:
+        items[DATA_ITEM] = grain.checkpoint.CheckpointRestore(data_iterator)
+    try:
+        restored = manager.restore(step, args=ocp.args.Composite(**items))
+    except (ValueError, KeyError, TypeError) as error:
+        raise ValueError(
+            f"The checkpoint at step {step} in {manager.directory} does not fit the "
+            "configured model and optimizer (different architecture, widths, "
+            "classes or optimizer?). Use a fresh --workdir for a new config. "
+            f"Orbax said: {error}"
+        ) from error
+    return restored[STATE_ITEM]

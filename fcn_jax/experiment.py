@@ -1,0 +1,81 @@
+"""An experiment: the mesh, model, state and data built from one config."""
+
+import dataclasses
+import functools
+from collections.abc import Callable
+
+import jax
+import ml_collections
+
+from fcn_jax import config_lib, models, optim, sharding, steps
+from fcn_jax.data import pipeline
+from fcn_jax.train_state import TrainState, abstract_train_state, create_train_state
+
+
+@dataclasses.dataclass
+class Experiment:
+    """Everything built from a config that training and evaluation share."""
+
+    config: ml_collections.ConfigDict
+    mesh: jax.sharding.Mesh
+    model: models.UNet
+    state: TrainState
+
+    @functools.cached_property
+    def eval_step(self) -> Callable:
+        return steps.jit_eval_step(self.config, self.mesh, self.model)
+
+
+def input_shape(config: ml_collections.ConfigDict, batch_size: int) -> tuple[int, ...]:
+    crop = config.data.crop_size
+    return (batch_size, crop, crop, len(config.data.mean))
+
+
+def create_experiment(
+    config: ml_collections.ConfigDict, *, abstract: bool = False
+) -> Experiment:
+    """Validates the config and builds mesh, model and (abstract) train state."""
+    config_lib.validate_config(config)
+    mesh = sharding.create_mesh()
+    model = models.create_model(config.model)
+    model.check_input_shape((config.data.crop_size,) * 2)
+    optimizer = optim.create_optimizer(config)
+    shape = input_shape(config, mesh.devices.size)
+    if abstract:
+        state = abstract_train_state(model, optimizer, shape, mesh)
+    else:
+        rng = jax.random.key(config.train.seed)
+        state = create_train_state(model, optimizer, rng, shape, mesh)
+    return Experiment(config=config, mesh=mesh, model=model, state=state)
+
+
+def eval_batches(config: ml_collections.ConfigDict, mesh, split: str):
+    """Whole-image batches of `split`, every example once across processes."""
+    source = pipeline.load_data_source(config.data.name, split, config.data.data_dir)
+    return pipeline.eval_batches(
+        source,
+        batch_size=sharding.per_process_batch_size(config.data.eval_batch_size, mesh),
+        num_classes=config.model.num_classes,
+        ignore_label=config.data.ignore_label,
+        mean=config.data.mean,
+        std=config.data.std,
+    )
+
+
+def create_train_iterator(config: ml_collections.ConfigDict, mesh):
+    source = pipeline.load_data_source(
+        config.data.name, config.data.train_split, config.data.data_dir
+    )
+    loader = pipeline.create_train_loader(
+        source,
+        batch_size=sharding.per_process_batch_size(config.data.batch_size, mesh),
+        crop_size=config.data.crop_size,
+        seed=config.train.seed,
+        num_classes=config.model.num_classes,
+        ignore_label=config.data.ignore_label,
+        mean=config.data.mean,
+        std=config.data.std,
+        augment=config.data.augment,
+        worker_count=config.data.worker_count,
+    )
+    return iter(loader)

@@ -1,0 +1,57 @@
+"""Fully convolutional models and the registry that builds them from a config."""
+
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from fcn_jax.models.unet import UNet
+
+MODELS: dict[str, type[nn.Module]] = {"unet": UNet}
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def _to_dict(model_config: Any) -> dict[str, Any]:
+    if hasattr(model_config, "to_dict"):
+        return dict(model_config.to_dict())
+    return dict(model_config)
+
+
+def _dtype(key: str, value: Any) -> Any:
+    if not isinstance(value, str):
+        return value
+    if value not in DTYPES:
+        raise ValueError(f"model.{key}={value!r} is not one of {', '.join(DTYPES)}.")
+    return DTYPES[value]
+
+
+def create_model(model_config: Any) -> nn.Module:
+    """Builds the model named by `model_config.name` from the config's other fields.
+
+    Args:
+      model_config: a ConfigDict (or mapping) such as `config.model`; dtypes are
+        given by name ('float32', 'bfloat16', 'float16').
+
+    Raises:
+      ValueError: for an unknown model name, dtype, or a field the model lacks.
+    """
+    fields = _to_dict(model_config)
+    name = fields.pop("name", None)
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; known models: {', '.join(MODELS)}.")
+    model_cls = MODELS[name]
+    for key in ("dtype", "param_dtype"):
+        if key in fields:
+            fields[key] = _dtype(key, fields[key])
+    accepted = set(model_cls.__dataclass_fields__) - {"parent", "name"}
+    unknown = sorted(set(fields) - accepted)
+    if unknown:
+        raise ValueError(
+            f"model fields {unknown} are not fields of {model_cls.__name__}, "
+            f"which accepts: {', '.join(sorted(accepted))}."
+        )
+    return model_cls(**fields)
+
+
+__all__ = ["MODELS", "UNet", "create_model"]

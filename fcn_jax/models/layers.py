@@ -1,0 +1,302 @@
+"""Rank-agnostic building blocks: norms, conv blocks, cropping, down/upsampling.
+
+Every module reads the spatial rank from its input x of shape [B, *spatial, C]
+(1, 2 or 3 spatial dims) and expands its int kernel sizes and strides to it.
+"""
+
+import functools
+from collections.abc import Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax.typing import Dtype
+from jax import lax
+
+from fcn_jax.models.sizes import transposed_conv_output_size
+
+NORMS = ("batch", "group", "none")
+PADDINGS = ("SAME", "VALID")
+DOWNSAMPLE_METHODS = ("max_pool", "avg_pool", "strided_conv")
+UPSAMPLE_METHODS = ("transposed_conv", "resize_conv")
+INTERPOLATIONS = ("nearest", "linear")
+
+# (features, *, train, name) -> a norm module, built inside the caller's scope.
+NormFactory = Callable[..., nn.Module]
+
+
+def _check_choice(name: str, value: str, accepted: Sequence[str]) -> None:
+    if value not in accepted:
+        raise ValueError(f"{name}={value!r} is not one of {', '.join(accepted)}.")
+
+
+def _spatial_rank(x: jax.Array) -> int:
+    if x.ndim < 3:
+        raise ValueError(f"expected x of shape [B, *spatial, C]; got {x.shape}.")
+    return x.ndim - 2
+
+
+def _largest_divisor_at_most(features: int, limit: int) -> int:
+    return max(g for g in range(1, min(features, limit) + 1) if features % g == 0)
+
+
+def create_norm(
+    norm: str, *, dtype: Dtype, param_dtype: Dtype, num_groups: int
+) -> NormFactory | None:
+    """Returns a factory `(features, *, train, name) -> module`, or None for 'none'.
+
+    'group' uses the largest group count <= num_groups that divides the features
+    (e.g. 8 requested on 12 channels gives 6), so narrow test models still work.
+    """
+    _check_choice("norm", norm, NORMS)
+    if norm == "none":
+        return None
+    if norm == "batch":
+        batch_norm = functools.partial(
+            nn.BatchNorm, momentum=0.9, dtype=dtype, param_dtype=param_dtype
+        )
+
+        def make_batch_norm(features: int, *, train: bool, name: str | None = None):
+            del features  # BatchNorm infers it.
+            return batch_norm(use_running_average=not train, name=name)
+
+        return make_batch_norm
+    if num_groups < 1:
+        raise ValueError(f"num_groups={num_groups} must be a positive integer.")
+    group_norm = functools.partial(nn.GroupNorm, dtype=dtype, param_dtype=param_dtype)
+
+    def make_group_norm(features: int, *, train: bool, name: str | None = None):
+        del train  # No running statistics.
+        groups = _largest_divisor_at_most(features, num_groups)
+        return group_norm(num_groups=groups, name=name)
+
+    return make_group_norm
+
+
+class ConvBlock(nn.Module):
+    """`num_convs` x (conv -> norm -> ReLU): [B, *S, C] -> [B, *S', features].
+
+    With 'VALID' padding each conv trims kernel_size - 1 from every spatial dim.
+    Convs carry no bias when a norm follows (the norm's shift replaces it).
+    """
+
+    features: int
+    kernel_size: int = 3
+    padding: str = "SAME"
+    norm: str = "batch"
+    num_convs: int = 2
+    num_groups: int = 8
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+        _check_choice("padding", self.padding, PADDINGS)
+        rank = _spatial_rank(x)
+        make_norm = create_norm(
+            self.norm,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            num_groups=self.num_groups,
+        )
+        conv = functools.partial(
+            nn.Conv,
+            self.features,
+            kernel_size=(self.kernel_size,) * rank,
+            padding=self.padding,
+            use_bias=make_norm is None,
+            # He initialisation, as in the U-Net paper, suits the ReLUs.
+            kernel_init=nn.initializers.kaiming_normal(),
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+        )
+        for i in range(self.num_convs):
+            x = conv(name=f"conv_{i}")(x)
+            if make_norm is not None:
+                x = make_norm(self.features, train=train, name=f"norm_{i}")(x)
+            x = nn.relu(x)
+        return x
+
+
+def center_crop(x: jax.Array, spatial_shape: Sequence[int]) -> jax.Array:
+    """Crops the centre [B, *spatial_shape, C] out of x: [B, *spatial, C].
+
+    An odd surplus leaves the extra row on the high side.
+    """
+    spatial = x.shape[1:-1]
+    target = tuple(spatial_shape)
+    if len(target) != len(spatial):
+        raise ValueError(
+            f"cannot crop spatial shape {spatial} to rank-{len(target)} {target}."
+        )
+    if any(t > s or t < 0 for t, s in zip(target, spatial)):
+        raise ValueError(f"cannot crop spatial shape {spatial} to larger {target}.")
+    index = tuple(
+        slice((s - t) // 2, (s - t) // 2 + t) for s, t in zip(spatial, target)
+    )
+    return x[(slice(None), *index, slice(None))]
+
+
+class Downsample(nn.Module):
+    """Downsamples [B, *S, C] by `factor`: [B, *floor(S / factor), C'].
+
+    Pools use window = stride = factor; 'strided_conv' is a learned conv with
+    kernel = stride = factor and `features` outputs (default: C).
+    """
+
+    method: str = "max_pool"
+    factor: int = 2
+    features: int | None = None
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        _check_choice("downsample", self.method, DOWNSAMPLE_METHODS)
+        window = (self.factor,) * _spatial_rank(x)
+        if self.method == "max_pool":
+            return nn.max_pool(x, window, strides=window, padding="VALID")
+        if self.method == "avg_pool":
+            return nn.avg_pool(x, window, strides=window, padding="VALID")
+        return nn.Conv(
+            self.features or x.shape[-1],
+            kernel_size=window,
+            strides=window,
+            padding="VALID",
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name="conv",
+        )(x)
+
+
+def _dimension_numbers(rank: int) -> tuple[str, str, str]:
+    if not 1 <= rank <= 3:
+        raise ValueError(f"spatial rank {rank} is not supported (1, 2 or 3).")
+    spatial = "DHW"[-rank:]
+    return f"N{spatial}C", f"{spatial}IO", f"N{spatial}C"
+
+
+def _transposed_conv_patches(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """Transposed conv with kernel == stride, padding 0: every input pixel owns
+    one disjoint output patch, so it is an einsum and an interleaving reshape."""
+    rank = x.ndim - 2
+    inputs, offsets = "xyz"[:rank], "pqr"[:rank]
+    interleaved = "".join(i + o for i, o in zip(inputs, offsets))
+    y = jnp.einsum(f"n{inputs}c,{offsets}co->n{interleaved}o", x, kernel)
+    out_spatial = [n * k for n, k in zip(x.shape[1:-1], kernel.shape[:rank])]
+    return y.reshape(x.shape[0], *out_spatial, kernel.shape[-1])
+
+
+def _transposed_conv_general(
+    x: jax.Array, kernel: jax.Array, stride: int, padding: int, output_padding: int
+) -> jax.Array:
+    """Transposed conv as a conv of the stride-dilated input with the flipped kernel."""
+    rank = x.ndim - 2
+    kernel_size = kernel.shape[:rank]
+    pads = [(k - 1 - padding, k - 1 - padding + output_padding) for k in kernel_size]
+    return lax.conv_general_dilated(
+        x,
+        jnp.flip(kernel, axis=tuple(range(rank))),
+        window_strides=(1,) * rank,
+        padding=pads,
+        lhs_dilation=(stride,) * rank,
+        dimension_numbers=_dimension_numbers(rank),
+    )
+
+
+class TransposedConv(nn.Module):
+    """Transposed conv with PyTorch's size semantics: [B, *S, C] -> [B, *S', features].
+
+    S' = stride * (S - 1) + kernel_size - 2 * padding + output_padding. Input
+    pixel i adds x[i] * kernel[a] to output pixel stride * i + a - padding.
+    Params: 'kernel' [*k, C, features] and 'bias' [features], whichever path runs.
+    """
+
+    features: int
+    kernel_size: int = 2
+    stride: int = 2
+    padding: int = 0
+    output_padding: int = 0
+    use_fast_path: bool = True
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        rank = _spatial_rank(x)
+        for n in x.shape[1:-1]:  # Fails early, with the sizes, on unusable configs.
+            transposed_conv_output_size(
+                n, self.kernel_size, self.stride, self.padding, self.output_padding
+            )
+        kernel = self.param(
+            "kernel",
+            nn.initializers.lecun_normal(),
+            (*(self.kernel_size,) * rank, x.shape[-1], self.features),
+            self.param_dtype,
+        )
+        bias = self.param(
+            "bias", nn.initializers.zeros_init(), (self.features,), self.param_dtype
+        )
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        # XLA:CPU lowers a strided transposed conv's kernel grad to a slow dilated conv.
+        disjoint = self.kernel_size == self.stride and self.padding == 0
+        if self.use_fast_path and disjoint and self.output_padding == 0:
+            y = _transposed_conv_patches(x, kernel)
+        else:
+            y = _transposed_conv_general(
+                x, kernel, self.stride, self.padding, self.output_padding
+            )
+        return y + bias
+
+
+class Upsample(nn.Module):
+    """Upsamples [B, *S, C] to [B, *S', features].
+
+    'transposed_conv': S' = stride * (S - 1) + kernel_size - 2 * padding +
+    output_padding (see `TransposedConv`). 'resize_conv': `interpolation` resize
+    by `stride`, then a 'SAME' conv of kernel_size, so S' = stride * S.
+    """
+
+    features: int
+    method: str = "transposed_conv"
+    kernel_size: int = 2
+    stride: int = 2
+    padding: int = 0
+    output_padding: int = 0
+    interpolation: str = "nearest"
+    use_fast_path: bool = True
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        _check_choice("upsample", self.method, UPSAMPLE_METHODS)
+        if self.method == "transposed_conv":
+            return TransposedConv(
+                self.features,
+                kernel_size=self.kernel_size,
+                stride=self.stride,
+                padding=self.padding,
+                output_padding=self.output_padding,
+                use_fast_path=self.use_fast_path,
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
+                name="conv_transpose",
+            )(x)
+        _check_choice("interpolation", self.interpolation, INTERPOLATIONS)
+        if self.padding or self.output_padding:
+            raise ValueError(
+                f"padding={self.padding} and output_padding={self.output_padding} "
+                "only apply to 'transposed_conv'; set them to 0 for 'resize_conv'."
+            )
+        rank = _spatial_rank(x)
+        shape = (x.shape[0], *(n * self.stride for n in x.shape[1:-1]), x.shape[-1])
+        x = jax.image.resize(x, shape, method=self.interpolation)
+        return nn.Conv(
+            self.features,
+            kernel_size=(self.kernel_size,) * rank,
+            padding="SAME",
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name="conv",
+        )(x)

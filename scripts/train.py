@@ -1,0 +1,30 @@
+r"""Trains a model from a config; rerunning on the same workdir resumes.
+
+  python scripts/train.py --config=configs/unet.py --workdir=runs/unet_isbi \
+      [--config.optim.learning_rate=3e-4]
+"""
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from fcn_jax import train
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config",
+    None,
+    "Config file, optionally with presets: file.py:preset,...",
+    lock_config=True,
+)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and logs.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    logging.set_verbosity(logging.WARNING)
+    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+    app.run(main)

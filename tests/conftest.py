@@ -1,0 +1,29 @@
+"""Shared test setup: CPU only, absl flags parsed, configs importable by path."""
+
+import importlib.util
+import os
+import pathlib
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import pytest
+from absl import flags
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+CONFIG_FILES = sorted((REPO_ROOT / "configs").glob("*.py"))
+
+# Grain's worker processes read absl flags; tests do not go through app.run.
+flags.FLAGS.mark_as_parsed()
+
+
+def load_config_module(path: pathlib.Path):
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory) -> str:
+    """One TFDS data dir per test session, so the ISBI builder prepares once."""
+    return str(tmp_path_factory.mktemp("tensorflow_datasets"))
