@@ -42,9 +42,11 @@ def evaluate_checkpoint(
     split = split or config.data.eval_split
     experiment = create_experiment(config, abstract=True)
     manager = checkpointing.create_checkpoint_manager(workdir, config, read_only=True)
-    step = select_step(manager, step=step, best=best)
-    experiment.state = checkpointing.restore_state(manager, step, experiment.state)
-    manager.close()
+    try:
+        step = select_step(manager, step=step, best=best)
+        experiment.state = checkpointing.restore_state(manager, step, experiment.state)
+    finally:
+        manager.close()
     summary = evaluation.evaluate_batches(
         experiment.eval_step,
         experiment.state,

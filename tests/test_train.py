@@ -120,3 +120,12 @@ def test_valid_unet_trains_and_evaluates_by_overlap_tile(tmp_path, data_dir):
     # Overlap-tile predicts every pixel of the 5 whole 512x512 slices.
     assert summary["num_pixels"] == 5 * 512 * 512
     assert np.isfinite(summary["pixel_accuracy"])
+
+
+def test_a_crop_a_valid_unet_cannot_take_names_the_nearest_sizes(data_dir):
+    config = _runlocal_config(data_dir, **{"data.crop_size": 62})
+    config.unlock()
+    config.model.padding = "VALID"
+    config.lock()
+    with pytest.raises(ValueError, match=r"nearest valid sizes: .*64 \(-> 24\)"):
+        experiment.create_experiment(config)
