@@ -13,7 +13,8 @@ Presets (comma-separated after a colon, e.g. `configs/unet.py:runlocal`):
   valid     VALID padding and overlap-tile evaluation at CPU size.
   runlocal  a tiny model and a few steps, for smoke tests.
 
-Result (default preset, this repository's 2-core CPU): see README.md.
+Result of the default preset on a 2-core CPU (`make train`, 10 minutes): on
+slices 25-29, pixel accuracy 0.9226, mean IoU 0.7906.
 """
 
 import ml_collections
