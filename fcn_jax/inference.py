@@ -26,32 +26,39 @@ class Geometry(Protocol):
     def is_valid_input_size(self, input_size: int) -> bool: ...
 
 
-def smallest_same_size_at_least(geometry: Geometry, size: int) -> int:
-    """The smallest valid input size >= `size` whose output has the same size."""
-    for candidate in range(size, size + _MAX_SIZE_SEARCH):
-        if (
-            geometry.is_valid_input_size(candidate)
-            and geometry.output_size(candidate) == candidate
+def _first_input_size(
+    geometry: Geometry, start: int, gives_output: Callable[[int, int], bool]
+) -> int | None:
+    """The smallest valid input n >= start with gives_output(n, output_size(n))."""
+    for candidate in range(start, start + _MAX_SIZE_SEARCH):
+        if geometry.is_valid_input_size(candidate) and gives_output(
+            candidate, geometry.output_size(candidate)
         ):
             return candidate
-    raise ValueError(
-        f"No input size in [{size}, {size + _MAX_SIZE_SEARCH}) keeps its size through "
-        "this network; a VALID-padding network needs eval.mode='overlap_tile'."
-    )
+    return None
+
+
+def smallest_same_size_at_least(geometry: Geometry, size: int) -> int:
+    """The smallest valid input size >= `size` whose output has the same size."""
+    found = _first_input_size(geometry, size, lambda n, out: out == n)
+    if found is None:
+        raise ValueError(
+            f"No input size in [{size}, {size + _MAX_SIZE_SEARCH}) keeps its size "
+            "through this network; a VALID-padding network needs "
+            "eval.mode='overlap_tile'."
+        )
+    return found
 
 
 def input_size_for_output(geometry: Geometry, output_size: int) -> int:
     """The input tile size whose output is exactly `output_size` (VALID nets)."""
-    for candidate in range(output_size, output_size + _MAX_SIZE_SEARCH):
-        if (
-            geometry.is_valid_input_size(candidate)
-            and geometry.output_size(candidate) == output_size
-        ):
-            return candidate
-    raise ValueError(
-        f"No input tile gives an output of exactly {output_size} pixels; choose "
-        "config.eval.tile_output_size = output_size(n) for a valid input size n."
-    )
+    found = _first_input_size(geometry, output_size, lambda n, out: out == output_size)
+    if found is None:
+        raise ValueError(
+            f"No input tile gives an output of exactly {output_size} pixels; choose "
+            "config.eval.tile_output_size = output_size(n) for a valid input size n."
+        )
+    return found
 
 
 def _reflect_pad(images: jax.Array, pads: Sequence[tuple[int, int]]) -> jax.Array:
