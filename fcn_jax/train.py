@@ -8,7 +8,15 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from fcn_jax import checkpointing, evaluation, reporting, run_record, sharding, steps
+from fcn_jax import (
+    checkpointing,
+    evaluation,
+    reporting,
+    run_record,
+    sharding,
+    steps,
+    xla_cache,
+)
 from fcn_jax.experiment import create_experiment, create_train_iterator, eval_batches
 
 
@@ -32,6 +40,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     Returns the last evaluation summary (per-class IoU, mean IoU, accuracies).
     """
+    if config.train.compilation_cache:
+        xla_cache.use_persistent_cache(workdir, config.train.cache_min_compile_seconds)
     experiment = create_experiment(config)
     run_record.record_run(workdir, config)
     data_iterator = create_train_iterator(config, experiment.mesh)

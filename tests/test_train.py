@@ -56,6 +56,7 @@ def test_training_writes_checkpoints_events_and_run_record(trained_workdir):
     assert manager.latest_step() == config.train.num_steps
     assert manager.best_step() in manager.all_steps()
     assert any(name.startswith("events.out.tfevents") for name in os.listdir(workdir))
+    assert os.listdir(os.path.join(workdir, "xla_cache"))  # persistent compile cache
     for name in ("config.json", "run.json"):
         assert os.path.exists(os.path.join(workdir, name))
     assert 0.0 <= summary["pixel_accuracy"] <= 1.0

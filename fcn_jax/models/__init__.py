@@ -3,6 +3,7 @@
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from fcn_jax.models.unet import UNet
@@ -44,6 +45,10 @@ def create_model(model_config: Any) -> nn.Module:
     for key in ("dtype", "param_dtype"):
         if key in fields:
             fields[key] = _dtype(key, fields[key])
+    if fields.get("max_pool_gradient") == "auto":
+        # XLA's select-and-scatter is slow only on CPU; accelerators keep it.
+        cpu = jax.default_backend() == "cpu"
+        fields["max_pool_gradient"] = "argmax" if cpu else "xla"
     accepted = set(model_cls.__dataclass_fields__) - {"parent", "name"}
     unknown = sorted(set(fields) - accepted)
     if unknown:

@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 from flax.typing import Dtype
 
-from fcn_jax.models.layers import ConvBlock, Upsample, center_crop
+from fcn_jax.models.layers import Upsample, center_crop, conv_block_class
 
 
 def _match_skip(skip: jax.Array, up: jax.Array, padding: str, level: int) -> jax.Array:
@@ -51,6 +51,7 @@ class Decoder(nn.Module):
     up_output_padding: int = 0
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    remat: bool = False
 
     @nn.compact
     def __call__(self, features: dict[int, jax.Array], *, train: bool) -> jax.Array:
@@ -70,7 +71,7 @@ class Decoder(nn.Module):
             )(x)
             skip = _match_skip(features[2**level], up, self.padding, level)
             x = jnp.concatenate([skip, up], axis=-1)
-            x = ConvBlock(
+            x = conv_block_class(self.remat)(
                 width,
                 kernel_size=self.kernel_size,
                 padding=self.padding,
@@ -80,5 +81,5 @@ class Decoder(nn.Module):
                 dtype=self.dtype,
                 param_dtype=self.param_dtype,
                 name=f"dec_block_{level}",
-            )(x, train=train)
+            )(x, train)
         return x

@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 from flax.typing import Dtype
 
-from fcn_jax.models.layers import ConvBlock, Downsample
+from fcn_jax.models.layers import Downsample, conv_block_class
 
 
 class Encoder(nn.Module):
@@ -24,8 +24,10 @@ class Encoder(nn.Module):
     num_convs: int = 2
     num_groups: int = 8
     downsample: str = "max_pool"
+    max_pool_gradient: str = "xla"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    remat: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> dict[int, jax.Array]:
@@ -37,12 +39,13 @@ class Encoder(nn.Module):
                 x = Downsample(
                     self.downsample,
                     factor=2,
+                    max_pool_gradient=self.max_pool_gradient,
                     dtype=self.dtype,
                     param_dtype=self.param_dtype,
                     name=f"down_{level}",
                 )(x)
             name = "bottleneck" if level == self.depth else f"enc_block_{level}"
-            x = ConvBlock(
+            x = conv_block_class(self.remat)(
                 self.base_width * 2**level,
                 kernel_size=self.kernel_size,
                 padding=self.padding,
@@ -52,6 +55,6 @@ class Encoder(nn.Module):
                 dtype=self.dtype,
                 param_dtype=self.param_dtype,
                 name=name,
-            )(x, train=train)
+            )(x, train)
             features[2**level] = x
         return features

@@ -13,12 +13,14 @@ import jax.numpy as jnp
 from flax.typing import Dtype
 from jax import lax
 
+from fcn_jax.models.pooling import max_pool_argmax_gradient
 from fcn_jax.models.sizes import transposed_conv_output_size
 
 NORMS = ("batch", "group", "none")
 PADDINGS = ("SAME", "VALID")
 DOWNSAMPLE_METHODS = ("max_pool", "avg_pool", "strided_conv")
 UPSAMPLE_METHODS = ("transposed_conv", "resize_conv")
+MAX_POOL_GRADIENTS = ("xla", "argmax")
 INTERPOLATIONS = ("nearest", "linear")
 
 # (features, *, train, name) -> a norm module, built inside the caller's scope.
@@ -142,11 +144,14 @@ class Downsample(nn.Module):
 
     Pools use window = stride = factor; 'strided_conv' is a learned conv with
     kernel = stride = factor and `features` outputs (default: C).
+    `max_pool_gradient='argmax'` differentiates max pooling through saved
+    argmax indices (fast on CPU); 'xla' uses XLA's own gradient.
     """
 
     method: str = "max_pool"
     factor: int = 2
     features: int | None = None
+    max_pool_gradient: str = "xla"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -155,6 +160,11 @@ class Downsample(nn.Module):
         _check_choice("downsample", self.method, DOWNSAMPLE_METHODS)
         window = (self.factor,) * _spatial_rank(x)
         if self.method == "max_pool":
+            _check_choice(
+                "max_pool_gradient", self.max_pool_gradient, MAX_POOL_GRADIENTS
+            )
+            if self.max_pool_gradient == "argmax":
+                return max_pool_argmax_gradient(x, self.factor)
             return nn.max_pool(x, window, strides=window, padding="VALID")
         if self.method == "avg_pool":
             return nn.avg_pool(x, window, strides=window, padding="VALID")
@@ -300,3 +310,22 @@ class Upsample(nn.Module):
             param_dtype=self.param_dtype,
             name="conv",
         )(x)
+
+
+class _PositionalTrainConvBlock(ConvBlock):
+    """ConvBlock taking `train` positionally, as `nn.remat`'s static_argnums need."""
+
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        return super().__call__(x, train=train)
+
+
+# Recomputes the block's activations in the backward pass instead of storing them.
+_RematConvBlock = nn.remat(_PositionalTrainConvBlock, static_argnums=(2,))
+
+
+def conv_block_class(remat: bool) -> type[nn.Module]:
+    """A ConvBlock class called as `block(x, train)`, rematerialised if `remat`.
+
+    Both variants have the same parameter tree, so checkpoints are interchangeable.
+    """
+    return _RematConvBlock if remat else _PositionalTrainConvBlock

@@ -37,6 +37,7 @@ class UNet(nn.Module):
     norm: str = "batch"
     num_groups: int = 8
     downsample: str = "max_pool"
+    max_pool_gradient: str = "xla"
     upsample: str = "transposed_conv"
     up_kernel_size: int = 2
     up_stride: int = 2
@@ -45,6 +46,8 @@ class UNet(nn.Module):
     num_convs: int = 2
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    # Recompute conv-block activations in the backward pass (less memory).
+    remat: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
@@ -61,10 +64,14 @@ class UNet(nn.Module):
             "num_groups": self.num_groups,
             "dtype": self.dtype,
             "param_dtype": self.param_dtype,
+            "remat": self.remat,
         }
-        features = Encoder(downsample=self.downsample, name="encoder", **shared)(
-            x, train=train
-        )
+        features = Encoder(
+            downsample=self.downsample,
+            max_pool_gradient=self.max_pool_gradient,
+            name="encoder",
+            **shared,
+        )(x, train=train)
         y = Decoder(
             upsample=self.upsample,
             up_kernel_size=self.up_kernel_size,

@@ -1,0 +1,137 @@
+"""Speed measurements of a config: compile time, step time, FLOP/s against this
+machine's matmul peak measured in the same run, memory, input pipeline rate."""
+
+import resource
+import statistics
+import time
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from fcn_jax import sharding, steps
+from fcn_jax.experiment import create_experiment, create_train_iterator
+
+
+def median_seconds(fn: Callable[[], object], *, repeats: int, warmup: int) -> float:
+    """Median wall time of `fn()` (which must block until its work is done)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def matmul_peak_flops(size: int = 4096, repeats: int = 5) -> float:
+    """float32 FLOP/s of a jitted size x size matmul (2 n^3 FLOPs), median time."""
+    keys = jax.random.split(jax.random.key(0))
+    a = jax.random.normal(keys[0], (size, size), jnp.float32)
+    b = jax.random.normal(keys[1], (size, size), jnp.float32)
+    matmul = jax.jit(jnp.matmul)
+    seconds = median_seconds(
+        lambda: matmul(a, b).block_until_ready(), repeats=repeats, warmup=2
+    )
+    return 2 * size**3 / seconds
+
+
+def compiled_flops(compiled) -> float:
+    """FLOPs of one call from XLA's cost analysis of a compiled executable."""
+    analysis = compiled.cost_analysis()
+    if isinstance(analysis, (list, tuple)):
+        analysis = analysis[0]
+    return float(analysis.get("flops", float("nan")))
+
+
+def peak_memory_gb() -> float:
+    """Peak resident memory of this process so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def _synthetic_batch(config, mesh, batch_size: int, spatial: tuple[int, ...]):
+    rng = np.random.default_rng(0)
+    channels = len(config.data.mean)
+    batch = {
+        "image": rng.normal(size=(batch_size, *spatial, channels)).astype(np.float32),
+        "label": rng.integers(
+            0, config.model.num_classes, size=(batch_size, *spatial)
+        ).astype(np.int32),
+    }
+    return sharding.to_global_batch(batch, mesh)
+
+
+def benchmark_train_and_inference(
+    config: ml_collections.ConfigDict,
+    *,
+    batch_size: int,
+    spatial: tuple[int, ...],
+    repeats: int = 10,
+) -> dict[str, float]:
+    """Compile time, step time and FLOPs of the train step and of inference."""
+    experiment = create_experiment(config)
+    mesh = experiment.mesh
+    batch = _synthetic_batch(config, mesh, batch_size, spatial)
+    train_step = steps.jit_train_step(config, mesh)
+
+    start = time.perf_counter()
+    compiled_train = train_step.lower(experiment.state, batch).compile()
+    train_compile = time.perf_counter() - start
+    train_flops = compiled_flops(compiled_train)
+    train_temp_bytes = compiled_train.memory_analysis().temp_size_in_bytes
+
+    state = experiment.state
+
+    def one_train_step():
+        nonlocal state
+        state, step_metrics = compiled_train(state, batch)
+        jax.block_until_ready(step_metrics)
+
+    train_seconds = median_seconds(one_train_step, repeats=repeats, warmup=2)
+    train_memory = peak_memory_gb()
+
+    def forward(state, images):
+        variables = {"params": state.params, "batch_stats": state.batch_stats}
+        return state.apply_fn(variables, images, train=False)
+
+    start = time.perf_counter()
+    compiled_forward = jax.jit(forward).lower(state, batch["image"]).compile()
+    forward_compile = time.perf_counter() - start
+    forward_flops = compiled_flops(compiled_forward)
+    forward_seconds = median_seconds(
+        lambda: compiled_forward(state, batch["image"]).block_until_ready(),
+        repeats=repeats,
+        warmup=2,
+    )
+    return {
+        "num_params": sum(x.size for x in jax.tree.leaves(experiment.state.params)),
+        "train_compile_s": train_compile,
+        "train_step_s": train_seconds,
+        "train_steps_per_s": 1 / train_seconds,
+        "train_images_per_s": batch_size / train_seconds,
+        "train_gflop_per_step": train_flops / 1e9,
+        "train_gflop_per_s": train_flops / train_seconds / 1e9,
+        "train_peak_memory_gb": train_memory,
+        # XLA's scratch for one step: activations kept for the backward pass.
+        "train_xla_temp_memory_gb": train_temp_bytes / 2**30,
+        "inference_compile_s": forward_compile,
+        "inference_s": forward_seconds,
+        "inference_images_per_s": batch_size / forward_seconds,
+        "inference_gflop_per_s": forward_flops / forward_seconds / 1e9,
+    }
+
+
+def input_pipeline_batches_per_s(
+    config: ml_collections.ConfigDict, num_batches: int = 20
+) -> float:
+    """Batches/s of the configured training loader alone (after its first batch)."""
+    mesh = sharding.create_mesh()
+    iterator = create_train_iterator(config, mesh)
+    next(iterator)
+    start = time.perf_counter()
+    for _ in range(num_batches):
+        next(iterator)
+    return num_batches / (time.perf_counter() - start)

@@ -1,0 +1,121 @@
+r"""Measures the speed of a config on this machine, in one run.
+
+  python scripts/benchmark.py --config=configs/unet.py --workdir=/tmp/bench \
+      --batch_size=2 --input_size=256,256 --config.model.base_width=64
+
+Reports XLA compile time of the train and inference steps, train steps/s and
+images/s (median of --repeats steps after warm-up), inference images/s, FLOPs
+per step from XLA's cost analysis and the achieved FLOP/s, the float32 matmul
+FLOP/s of this machine measured in the same run and the ratio of the two, peak
+resident memory, and the input pipeline's own batches/s. When PyTorch is
+installed, a PyTorch twin of the same U-Net is timed in alternating rounds.
+Prints a table and writes benchmark_<name>.json into the workdir.
+"""
+
+import json
+import os
+import statistics
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from fcn_jax import benchmark
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Config file.", lock_config=True
+)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Where to write the JSON.")
+_NAME = flags.DEFINE_string("name", "config", "Name of this case in the output.")
+_BATCH = flags.DEFINE_integer("batch_size", None, "Global batch (default: config).")
+_SIZE = flags.DEFINE_list("input_size", None, "H,W (default: config crop).")
+_REPEATS = flags.DEFINE_integer("repeats", 10, "Timed steps per round.")
+_ROUNDS = flags.DEFINE_integer("rounds", 1, "Alternating JAX / PyTorch rounds.")
+_PYTORCH = flags.DEFINE_bool("pytorch", True, "Time a PyTorch twin if installed.")
+_MATMUL = flags.DEFINE_integer("matmul_size", 4096, "Matmul size for the peak.")
+_PIPELINE = flags.DEFINE_bool("pipeline", True, "Measure the input pipeline.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def _pytorch_twin():
+    if not _PYTORCH.value:
+        return None
+    try:
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        import pytorch_unet_twin
+    except ImportError:
+        return None
+    return pytorch_unet_twin
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    config = _CONFIG.value
+    batch_size = _BATCH.value or config.data.batch_size
+    spatial = tuple(int(n) for n in _SIZE.value or [config.data.crop_size] * 2)
+    twin = _pytorch_twin()
+    peak = benchmark.matmul_peak_flops(_MATMUL.value)
+    rounds = []
+    for _ in range(_ROUNDS.value):
+        jax_result = benchmark.benchmark_train_and_inference(
+            config, batch_size=batch_size, spatial=spatial, repeats=_REPEATS.value
+        )
+        torch_result = None
+        if twin is not None and config.model.padding == "SAME" and len(spatial) == 2:
+            torch_result = twin.benchmark(
+                batch_size=batch_size,
+                height=spatial[0],
+                width=spatial[1],
+                in_channels=len(config.data.mean),
+                num_classes=config.model.num_classes,
+                depth=config.model.depth,
+                base_width=config.model.base_width,
+                repeats=_REPEATS.value,
+            )
+        rounds.append((jax_result, torch_result))
+    result = _combine(rounds)
+    result.update(
+        name=_NAME.value,
+        batch_size=batch_size,
+        input_size=list(spatial),
+        matmul_peak_gflop_per_s=peak / 1e9,
+        train_fraction_of_peak=result["train_gflop_per_s"] * 1e9 / peak,
+    )
+    if _PIPELINE.value:
+        result["pipeline_batches_per_s"] = benchmark.input_pipeline_batches_per_s(
+            config
+        )
+    os.makedirs(_WORKDIR.value, exist_ok=True)
+    path = os.path.join(_WORKDIR.value, f"benchmark_{_NAME.value}.json")
+    with open(path, "w") as f:
+        json.dump(result, f, indent=2)
+    for key, value in result.items():
+        print(
+            f"{key:32s} {value:.4g}"
+            if isinstance(value, float)
+            else f"{key:32s} {value}"
+        )
+    print(f"wrote {path}")
+
+
+def _combine(rounds) -> dict:
+    """Medians over rounds; PyTorch figures prefixed `torch_`, with speed ratios."""
+    jax_results = [jax_result for jax_result, _ in rounds]
+    result = {k: statistics.median(r[k] for r in jax_results) for k in jax_results[0]}
+    torch_results = [t for _, t in rounds if t is not None]
+    if torch_results:
+        for key in ("train_step_s", "inference_s"):
+            result[f"torch_{key}"] = statistics.median(t[key] for t in torch_results)
+        result["torch_version"] = torch_results[0]["torch_version"]
+        result["torch_num_params"] = torch_results[0]["num_params"]
+        result["train_speedup_vs_torch"] = (
+            result["torch_train_step_s"] / result["train_step_s"]
+        )
+        result["inference_speedup_vs_torch"] = (
+            result["torch_inference_s"] / result["inference_s"]
+        )
+    return result
+
+
+if __name__ == "__main__":
+    app.run(main)
