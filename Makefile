@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 WORKDIR ?= runs/unet_isbi
 CONFIG ?= configs/unet.py
 
-.PHONY: train test lint format clean-venv
+.PHONY: train test lint format benchmark clean-venv
 
 $(STAMP): requirements.lock pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,18 @@ format: $(STAMP)
 
 test: lint
 	$(BIN)/python -m pytest -q tests
+
+# Regenerates README.md's performance table (about 15 minutes on 2 CPU cores).
+BENCH := $(BIN)/python scripts/benchmark.py --config=configs/unet.py \
+	--workdir=runs/benchmark --rounds=2 --readme=README.md
+RGB := --config.data.mean=0.5,0.5,0.5 --config.data.std=0.25,0.25,0.25 \
+	--config.optim.name=sgd
+benchmark: $(STAMP)
+	$(BENCH) --name=a_width64_256px --batch_size=2 --input_size=256,256 \
+		--config.model.base_width=64 $(RGB)
+	$(BENCH) --name=b_width16_352x480 --batch_size=4 --input_size=352,480 \
+		--config.model.base_width=16 $(RGB)
+	$(BENCH) --name=configs_unet_py
 
 clean-venv:
 	rm -rf $(VENV)

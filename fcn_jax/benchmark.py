@@ -135,3 +135,50 @@ def input_pipeline_batches_per_s(
     for _ in range(num_batches):
         next(iterator)
     return num_batches / (time.perf_counter() - start)
+
+
+README_BEGIN = "<!-- benchmark table: begin -->"
+README_END = "<!-- benchmark table: end -->"
+
+
+def markdown_table(results: list[dict]) -> str:
+    """One row per benchmark result, as written by scripts/benchmark.py."""
+    header = (
+        "| case | batch | input | device | train steps/s | images/s "
+        "| % of matmul peak | compile s | PyTorch step s | speed vs PyTorch "
+        "| inference images/s |"
+    )
+    lines = [header, "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        torch_step, speedup = "-", "-"
+        if "torch_train_step_s" in r:
+            torch_step = f"{r['torch_train_step_s']:.2f}"
+            speedup = f"{r['train_speedup_vs_torch']:.2f}x"
+        size = "x".join(str(n) for n in r["input_size"])
+        cells = [
+            r["name"],
+            str(r["batch_size"]),
+            size,
+            r["device"],
+            f"{r['train_steps_per_s']:.3f}",
+            f"{r['train_images_per_s']:.2f}",
+            f"{100 * r['train_fraction_of_peak']:.0f}%",
+            f"{r['train_compile_s']:.1f}",
+            torch_step,
+            speedup,
+            f"{r['inference_images_per_s']:.2f}",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def update_readme(readme_path: str, table: str) -> None:
+    """Replaces the text between the README's benchmark markers with `table`."""
+    with open(readme_path) as f:
+        text = f.read()
+    if README_BEGIN not in text or README_END not in text:
+        raise ValueError(f"{readme_path} has no '{README_BEGIN}' ... '{README_END}'.")
+    head, rest = text.split(README_BEGIN, 1)
+    _, tail = rest.split(README_END, 1)
+    with open(readme_path, "w") as f:
+        f.write(f"{head}{README_BEGIN}\n{table}\n{README_END}{tail}")

@@ -12,11 +12,17 @@ installed, a PyTorch twin of the same U-Net is timed in alternating rounds.
 Prints a table and writes benchmark_<name>.json into the workdir.
 """
 
+import glob
 import json
 import os
 import statistics
 import sys
 
+from fcn_jax import cpu_flags
+
+cpu_flags.configure()
+
+import jax
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -33,6 +39,12 @@ _REPEATS = flags.DEFINE_integer("repeats", 10, "Timed steps per round.")
 _ROUNDS = flags.DEFINE_integer("rounds", 1, "Alternating JAX / PyTorch rounds.")
 _PYTORCH = flags.DEFINE_bool("pytorch", True, "Time a PyTorch twin if installed.")
 _MATMUL = flags.DEFINE_integer("matmul_size", 4096, "Matmul size for the peak.")
+_README = flags.DEFINE_string(
+    "readme",
+    None,
+    "If set, rewrite this file's benchmark table from every "
+    "benchmark_*.json in --workdir.",
+)
 _PIPELINE = flags.DEFINE_bool("pipeline", True, "Measure the input pipeline.")
 flags.mark_flags_as_required(["config", "workdir"])
 
@@ -76,6 +88,7 @@ def main(argv: list[str]) -> None:
     result = _combine(rounds)
     result.update(
         name=_NAME.value,
+        device=f"{jax.device_count()}x {jax.devices()[0].device_kind}",
         batch_size=batch_size,
         input_size=list(spatial),
         matmul_peak_gflop_per_s=peak / 1e9,
@@ -96,6 +109,14 @@ def main(argv: list[str]) -> None:
             else f"{key:32s} {value}"
         )
     print(f"wrote {path}")
+    if _README.value:
+        paths = sorted(glob.glob(os.path.join(_WORKDIR.value, "benchmark_*.json")))
+        results = []
+        for result_path in paths:
+            with open(result_path) as f:
+                results.append(json.load(f))
+        benchmark.update_readme(_README.value, benchmark.markdown_table(results))
+        print(f"updated the benchmark table in {_README.value}")
 
 
 def _combine(rounds) -> dict:

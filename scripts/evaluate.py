@@ -7,6 +7,10 @@ Writes eval_<split>_<step>.json and image | ground truth | prediction PNGs
 (eval_<split>_<step>/) into the workdir.
 """
 
+from fcn_jax import cpu_flags
+
+cpu_flags.configure()
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 

@@ -4,6 +4,10 @@ r"""Trains a model from a config; rerunning on the same workdir resumes.
       [--config.optim.learning_rate=3e-4]
 """
 
+from fcn_jax import cpu_flags
+
+cpu_flags.configure()
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 

@@ -6,6 +6,11 @@ import pathlib
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+from fcn_jax import cpu_flags
+
+# Tests run with the same XLA flags as the scripts.
+cpu_flags.configure()
+
 import pytest
 from absl import flags
 

@@ -13,14 +13,17 @@ import jax.numpy as jnp
 
 
 def _window_permutation(rank: int) -> tuple[int, ...]:
-    """Moves the in-window axes of [B, s1, f, s2, f, ..., C] after C."""
+    """[B, s1, f, s2, f, ..., C] -> [B, s1, s2, ..., f, f, ..., C].
+
+    Channels stay innermost, so the transpose moves whole channel vectors.
+    """
     outer = [1 + 2 * axis for axis in range(rank)]
     inner = [2 + 2 * axis for axis in range(rank)]
-    return (0, *outer, 2 * rank + 1, *inner)
+    return (0, *outer, *inner, 2 * rank + 1)
 
 
 def _to_windows(x: jax.Array, factor: int) -> jax.Array:
-    """[B, *S, C] -> [B, *S/f, C, f**rank]."""
+    """[B, *S, C] -> [B, *S/f, f**rank, C]."""
     rank = x.ndim - 2
     split = [x.shape[0]]
     for size in x.shape[1:-1]:
@@ -29,13 +32,13 @@ def _to_windows(x: jax.Array, factor: int) -> jax.Array:
         split += [size // factor, factor]
     split.append(x.shape[-1])
     windows = x.reshape(split).transpose(_window_permutation(rank))
-    return windows.reshape(*windows.shape[: rank + 2], factor**rank)
+    return windows.reshape(*windows.shape[: rank + 1], factor**rank, x.shape[-1])
 
 
 def _from_windows(windows: jax.Array, factor: int, shape: tuple[int, ...]) -> jax.Array:
-    """Inverse of `_to_windows`: [B, *S/f, C, f**rank] -> `shape` [B, *S, C]."""
+    """Inverse of `_to_windows`: [B, *S/f, f**rank, C] -> `shape` [B, *S, C]."""
     rank = len(shape) - 2
-    expanded = windows.reshape(*windows.shape[:-1], *(factor,) * rank)
+    expanded = windows.reshape(*windows.shape[:-2], *(factor,) * rank, shape[-1])
     permutation = _window_permutation(rank)
     inverse = tuple(permutation.index(axis) for axis in range(len(permutation)))
     return expanded.transpose(inverse).reshape(shape)
@@ -44,22 +47,24 @@ def _from_windows(windows: jax.Array, factor: int, shape: tuple[int, ...]) -> ja
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
 def max_pool_argmax_gradient(x: jax.Array, factor: int) -> jax.Array:
     """Max pooling of [B, *S, C] with window = stride = `factor`: [B, *S/f, C]."""
-    return _to_windows(x, factor).max(axis=-1)
+    return _to_windows(x, factor).max(axis=-2)
 
 
 def _forward(x: jax.Array, factor: int):
     windows = _to_windows(x, factor)
-    index = jnp.argmax(windows, axis=-1)
-    pooled = jnp.take_along_axis(windows, index[..., None], axis=-1)[..., 0]
+    index = jnp.argmax(windows, axis=-2)
+    pooled = jnp.take_along_axis(windows, index[..., None, :], axis=-2)[..., 0, :]
     # Saving the small index instead of x keeps the residual a quarter the size.
-    index_dtype = jnp.int8 if windows.shape[-1] <= 127 else jnp.int32
+    index_dtype = jnp.int8 if windows.shape[-2] <= 127 else jnp.int32
     return pooled, (index.astype(index_dtype), x.shape)
 
 
 def _backward(factor: int, residuals, grad: jax.Array):
     index, shape = residuals
-    one_hot = jax.nn.one_hot(index, factor ** (len(shape) - 2), dtype=grad.dtype)
-    return (_from_windows(one_hot * grad[..., None], factor, shape),)
+    one_hot = jax.nn.one_hot(
+        index, factor ** (len(shape) - 2), axis=-2, dtype=grad.dtype
+    )
+    return (_from_windows(one_hot * grad[..., None, :], factor, shape),)
 
 
 max_pool_argmax_gradient.defvjp(_forward, _backward)
