@@ -65,7 +65,7 @@ def _save_panels(panel_dir, local_batch, predictions, wanted, palette, config) -
             break
         if "mask" in local_batch and not local_batch["mask"][row].any():
             continue
-        example_id = int(np.asarray(local_batch.get("id", np.arange(1000)))[row])
+        example_id = int(local_batch["id"][row]) if "id" in local_batch else row
         visualize.save_panel(
             os.path.join(panel_dir, f"example_{example_id}.png"),
             local_batch["image"][row],

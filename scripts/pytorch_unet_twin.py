@@ -7,11 +7,10 @@ skips concatenated [skip, up], 1x1 head. PyTorch is optional: it is not a
 dependency of the project, only used here when installed.
 """
 
-import statistics
-import time
-
 import torch
 from torch import nn
+
+from fcn_jax.benchmark import median_seconds
 
 
 def _conv_block(in_channels: int, out_channels: int) -> nn.Sequential:
@@ -85,9 +84,9 @@ def benchmark(
             model(images)
 
     model.train()
-    train_s = _median_seconds(train_step, repeats)
+    train_s = median_seconds(train_step, repeats=repeats, warmup=2)
     model.eval()
-    forward_s = _median_seconds(forward, repeats)
+    forward_s = median_seconds(forward, repeats=repeats, warmup=2)
     return {
         "torch_version": torch.__version__,
         "torch_threads": torch.get_num_threads(),
@@ -95,14 +94,3 @@ def benchmark(
         "train_step_s": train_s,
         "inference_s": forward_s,
     }
-
-
-def _median_seconds(fn, repeats: int) -> float:
-    for _ in range(2):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
