@@ -144,6 +144,9 @@ def default_config() -> ml_collections.ConfigDict:
     # Output tile edge for overlap-tile inference with VALID padding.
     config.eval.tile_output_size = 388
     config.eval.num_images_to_save = 5
+    # Test-time augmentation: horizontal flip and input scales, probabilities averaged.
+    config.eval.flip = False
+    config.eval.scales = (1.0,)
 
     config.ckpt = ml_collections.ConfigDict()
     config.ckpt.max_to_keep = 2

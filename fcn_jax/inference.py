@@ -109,23 +109,29 @@ def predict_sliding_window(
     """Windows of `window_size` with fractional `overlap`, blended by Gaussian weights.
 
     Logits of overlapping windows are averaged with weights that fall off from each
-    window's centre, so seams from border effects are suppressed.
+    window's centre, so seams from border effects are suppressed. Along an axis
+    the window covers, it shrinks to the whole-image size, so a window covering
+    the image gives exactly `predict_whole`.
     """
-    window_size = smallest_same_size_at_least(geometry, window_size)
     spatial = images.shape[1:-1]
-    pads = [(0, max(window_size - n, 0)) for n in spatial]
+    largest = smallest_same_size_at_least(geometry, window_size)
+    window = tuple(
+        min(largest, smallest_same_size_at_least(geometry, n)) for n in spatial
+    )
+    pads = [(0, max(w - n, 0)) for n, w in zip(spatial, window)]
     images = _reflect_pad(images, pads)
     padded = images.shape[1:-1]
-    window = (window_size,) * len(spatial)
-    stride = max(1, int(window_size * (1 - overlap)))
     weights = _blending_weights(window)[None, ..., None]
     total = None
     weight_sum = jnp.zeros((1, *padded, 1))
     for starts in itertools.product(
-        *(_window_starts(n, window_size, stride) for n in padded)
+        *(
+            _window_starts(n, w, max(1, int(w * (1 - overlap))))
+            for n, w in zip(padded, window)
+        )
     ):
         logits = apply_fn(_crop(images, starts, window)) * weights
-        index = (slice(None),) + tuple(slice(s, s + window_size) for s in starts)
+        index = (slice(None),) + tuple(slice(s, s + w) for s, w in zip(starts, window))
         if total is None:
             total = jnp.zeros((images.shape[0], *padded, logits.shape[-1]))
         total = total.at[index].add(logits)

@@ -9,7 +9,7 @@ import ml_collections
 import optax
 from jax.sharding import Mesh
 
-from fcn_jax import inference, losses, metrics, sharding
+from fcn_jax import inference, losses, metrics, sharding, tta
 from fcn_jax.train_state import TrainState
 
 Batch = dict[str, jax.Array]
@@ -84,14 +84,21 @@ def predict_logits(
         variables = {"params": state.params, "batch_stats": state.batch_stats}
         return state.apply_fn(variables, x, train=False)
 
-    return inference.predict(
-        apply_fn,
-        images,
-        geometry,
-        mode=config.eval.mode,
-        window_size=config.eval.window_size,
-        overlap=config.eval.overlap,
-        tile_output_size=config.eval.tile_output_size,
+    def predict_fn(x):
+        return inference.predict(
+            apply_fn,
+            x,
+            geometry,
+            mode=config.eval.mode,
+            window_size=config.eval.window_size,
+            overlap=config.eval.overlap,
+            tile_output_size=config.eval.tile_output_size,
+        )
+
+    if not config.eval.flip and tuple(config.eval.scales) == (1.0,):
+        return predict_fn(images)
+    return tta.predict_with_augmentation(
+        predict_fn, images, flip=config.eval.flip, scales=config.eval.scales
     )
 
 

@@ -124,3 +124,28 @@ def test_inference_works_under_jit_and_for_3d():
     images = _images((1, 8, 12, 9, 1))
     logits = jax.jit(lambda x: inference.predict_whole(net, x, net))(images)
     assert logits.shape == (1, 8, 12, 9, 2)
+
+
+class SameBoxFilter(StridedSame):
+    """A 5x5 SAME box filter: depends on neighbours, so seams would show."""
+
+    def __call__(self, images):
+        kernel = jnp.ones((5, 5, 1, images.shape[-1])) / 25.0
+        return jax.lax.conv_general_dilated(
+            images,
+            kernel,
+            (1, 1),
+            "SAME",
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            feature_group_count=images.shape[-1],
+        )
+
+
+def test_sliding_window_covering_the_image_equals_whole_image():
+    net = SameBoxFilter()
+    images = _images((2, 24, 32, 3))
+    whole = inference.predict_whole(net, images, net)
+    windowed = inference.predict_sliding_window(
+        net, images, net, window_size=32, overlap=0.25
+    )
+    np.testing.assert_allclose(windowed, whole, atol=1e-5)
