@@ -5,7 +5,7 @@ import os
 import ml_collections
 
 from fcn_jax import checkpointing, evaluation, metrics
-from fcn_jax.experiment import create_experiment, eval_batches
+from fcn_jax.experiment import Experiment, create_experiment, eval_batches
 
 
 def select_step(manager, *, step: int | None, best: bool) -> int:
@@ -26,6 +26,24 @@ def select_step(manager, *, step: int | None, best: bool) -> int:
     return manager.best_step() if best else manager.latest_step()
 
 
+def restore_experiment(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    *,
+    step: int | None = None,
+    best: bool = False,
+) -> tuple[Experiment, int]:
+    """The experiment of `config` with its state restored from `workdir`."""
+    experiment = create_experiment(config, abstract=True)
+    manager = checkpointing.create_checkpoint_manager(workdir, config, read_only=True)
+    try:
+        step = select_step(manager, step=step, best=best)
+        experiment.state = checkpointing.restore_state(manager, step, experiment.state)
+    finally:
+        manager.close()
+    return experiment, step
+
+
 def evaluate_checkpoint(
     config: ml_collections.ConfigDict,
     workdir: str,
@@ -40,13 +58,7 @@ def evaluate_checkpoint(
     `<workdir>/eval_<split>_<step>/`. Returns (step, summary, table text).
     """
     split = split or config.data.eval_split
-    experiment = create_experiment(config, abstract=True)
-    manager = checkpointing.create_checkpoint_manager(workdir, config, read_only=True)
-    try:
-        step = select_step(manager, step=step, best=best)
-        experiment.state = checkpointing.restore_state(manager, step, experiment.state)
-    finally:
-        manager.close()
+    experiment, step = restore_experiment(config, workdir, step=step, best=best)
     summary = evaluation.evaluate_batches(
         experiment.eval_step,
         experiment.state,

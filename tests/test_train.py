@@ -9,8 +9,9 @@ import jax
 import numpy as np
 import pytest
 from conftest import REPO_ROOT, load_config_module
+from PIL import Image
 
-from fcn_jax import checkpointing, evaluate, experiment, steps, train
+from fcn_jax import checkpointing, evaluate, experiment, predict_files, steps, train
 
 UNET_CONFIG = REPO_ROOT / "configs" / "unet.py"
 
@@ -130,3 +131,17 @@ def test_a_crop_a_valid_unet_cannot_take_names_the_nearest_sizes(data_dir):
     config.lock()
     with pytest.raises(ValueError, match=r"nearest valid sizes: .*64 \(-> 24\)"):
         experiment.create_experiment(config)
+
+
+def test_predict_files_writes_masks_of_each_input_size(trained_workdir, tmp_path):
+    workdir, config, _ = trained_workdir
+    source = REPO_ROOT / "fcn_jax" / "data" / "isbi2012_membrane" / "image" / "27.png"
+    odd_size = tmp_path / "odd.png"
+    Image.open(source).crop((0, 0, 130, 97)).save(odd_size)
+    written = predict_files.predict_files(
+        config, workdir, [str(source), str(odd_size)], str(tmp_path / "out")
+    )
+    assert [os.path.basename(p) for p in written] == ["27_mask.png", "odd_mask.png"]
+    labels = np.asarray(Image.open(tmp_path / "out" / "odd_labels.png"))
+    assert labels.shape == (97, 130)
+    assert set(np.unique(labels)) <= {0, 1}
