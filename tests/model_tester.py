@@ -8,7 +8,11 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def _expected_spatial(model: nn.Module, spatial: Sequence[int]) -> tuple[int, ...]:
+def _expected_spatial(
+    model: nn.Module, spatial: Sequence[int], per_pixel: bool
+) -> tuple[int, ...]:
+    if not per_pixel:
+        return ()
     if hasattr(model, "output_size"):
         return tuple(model.output_size(n) for n in spatial)
     return tuple(spatial)
@@ -24,15 +28,20 @@ def _cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
 
 
 def check_model(
-    model: nn.Module, input_shapes: Sequence[Sequence[int]], num_classes: int
+    model: nn.Module,
+    input_shapes: Sequence[Sequence[int]],
+    num_classes: int,
+    *,
+    per_pixel: bool = True,
 ) -> int:
     """Checks a dense-prediction model called as `model(x, *, train)`.
 
     For every input shape [B, *S, C]: logits are float32 [B, *S', K], with S'
     from `model.output_size` when the model has one (else S' = S), in train and
-    eval mode. The parameter tree is the same for every input size (a fully
-    convolutional net's invariant). For the first shape the model really runs
-    and the gradients of a cross-entropy loss are finite and not all zero.
+    eval mode; with `per_pixel=False` (an image classifier) they are [B, K].
+    The parameter tree is the same for every input size (a fully convolutional
+    net's invariant). For the first shape the model really runs and the
+    gradients of a cross-entropy loss are finite and not all zero.
 
     Returns:
       The number of parameters.
@@ -44,7 +53,11 @@ def check_model(
         x = jax.ShapeDtypeStruct(tuple(shape), jnp.float32)
         variables = jax.eval_shape(lambda x: model.init(key, x, train=False), x)
         trees.append(_param_shapes(variables))
-        expected = (shape[0], *_expected_spatial(model, shape[1:-1]), num_classes)
+        expected = (
+            shape[0],
+            *_expected_spatial(model, shape[1:-1], per_pixel),
+            num_classes,
+        )
         for train in (True, False):
             logits, _ = jax.eval_shape(
                 lambda v, x, t=train: model.apply(v, x, train=t, mutable=True),
@@ -61,7 +74,7 @@ def check_model(
     variables = jax.jit(lambda x: model.init(key, x, train=False))(x)
     params = variables["params"]
     state = {name: value for name, value in variables.items() if name != "params"}
-    out_shape = (shape[0], *_expected_spatial(model, shape[1:-1]))
+    out_shape = (shape[0], *_expected_spatial(model, shape[1:-1], per_pixel))
     labels = jax.random.randint(jax.random.fold_in(key, 2), out_shape, 0, num_classes)
 
     def loss_fn(params):

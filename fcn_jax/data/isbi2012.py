@@ -1,7 +1,5 @@
 """TFDS builder for the ISBI 2012 EM membrane slices shipped with the package."""
 
-import contextlib
-import fcntl
 import os
 import pathlib
 from collections.abc import Iterator, Sequence
@@ -13,6 +11,9 @@ from etils import epath
 from PIL import Image
 
 from fcn_jax.data import validation
+
+# Re-exported: this module was their first home.
+from fcn_jax.data.sources import default_data_dir, load_data_source  # noqa: F401
 
 CLASS_NAMES = ("membrane", "cell")
 NUM_CLASSES = len(CLASS_NAMES)
@@ -119,62 +120,3 @@ class Isbi2012Membrane(tfds.core.GeneratorBasedBuilder):
                     "id": index,
                 },
             )
-
-
-BUILDERS: dict[str, type[tfds.core.DatasetBuilder]] = {
-    Isbi2012Membrane.name: Isbi2012Membrane,
-}
-
-
-def default_data_dir() -> pathlib.Path:
-    """`$FCN_JAX_DATA_DIR`, else `~/.cache/fcn_jax/tensorflow_datasets`."""
-    if env := os.environ.get("FCN_JAX_DATA_DIR"):
-        return pathlib.Path(env)
-    return pathlib.Path.home() / ".cache" / "fcn_jax" / "tensorflow_datasets"
-
-
-def load_data_source(
-    name: str = Isbi2012Membrane.name,
-    split: str = "train",
-    data_dir: str | os.PathLike | None = None,
-) -> Sequence[dict[str, Any]]:
-    """A random-access source of examples of `split`, e.g. for ISBI
-    `{'image': uint8 [512, 512, 1], 'label': uint8 [512, 512, 1], 'id': int32}`.
-
-    Our own builders are prepared (array_record) on first use; other names are
-    handed to `tfds.data_source`. With several processes on one host, a file
-    lock lets one prepare while the others wait.
-    """
-    data_dir = pathlib.Path(data_dir or default_data_dir()).expanduser()
-    if name not in BUILDERS:
-        if not data_dir.is_dir():
-            raise FileNotFoundError(f"TFDS data directory {data_dir} does not exist.")
-        return tfds.data_source(name, split=split, data_dir=os.fspath(data_dir))
-    builder = BUILDERS[name](data_dir=os.fspath(data_dir), file_format="array_record")
-    if not builder.is_prepared():
-        with _lock(data_dir, name):
-            builder = BUILDERS[name](
-                data_dir=os.fspath(data_dir), file_format="array_record"
-            )
-            if not builder.is_prepared():
-                builder.download_and_prepare(file_format="array_record")
-    return builder.as_data_source(split=split)
-
-
-@contextlib.contextmanager
-def _lock(data_dir: pathlib.Path, name: str) -> Iterator[None]:
-    """Holds an exclusive lock on `data_dir/name.lock`, creating `data_dir`."""
-    try:
-        data_dir.mkdir(parents=True, exist_ok=True)
-        lock_file = open(data_dir / f"{name}.lock", "w")  # noqa: SIM115
-    except OSError as error:
-        raise OSError(
-            f"Cannot prepare {name} in data directory {data_dir}: {error}. "
-            "Set FCN_JAX_DATA_DIR or pass data_dir to a writable directory."
-        ) from error
-    with lock_file:
-        fcntl.flock(lock_file, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock_file, fcntl.LOCK_UN)

@@ -8,7 +8,7 @@ import jax
 import numpy as np
 
 from fcn_jax.data import transforms
-from fcn_jax.data.isbi2012 import default_data_dir, load_data_source
+from fcn_jax.data.sources import default_data_dir, load_data_source
 
 __all__ = [
     "DEFAULT_AUGMENT",

@@ -6,9 +6,17 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from fcn_jax.models.classifier import Classifier
+from fcn_jax.models.deeplab import DeepLabV3
+from fcn_jax.models.fcn import FCN
 from fcn_jax.models.unet import UNet
 
-MODELS: dict[str, type[nn.Module]] = {"unet": UNet}
+MODELS: dict[str, type[nn.Module]] = {
+    "unet": UNet,
+    "fcn": FCN,
+    "deeplabv3": DeepLabV3,
+    "classifier": Classifier,
+}
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -59,4 +67,4 @@ def create_model(model_config: Any) -> nn.Module:
     return model_cls(**fields)
 
 
-__all__ = ["MODELS", "UNet", "create_model"]
+__all__ = ["FCN", "MODELS", "Classifier", "DeepLabV3", "UNet", "create_model"]
