@@ -87,6 +87,9 @@ def default_config() -> ml_collections.ConfigDict:
     config.data.name = "isbi2012_membrane"
     # Empty means $FCN_JAX_DATA_DIR or ~/.cache/fcn_jax/tensorflow_datasets.
     config.data.data_dir = ""
+    # Raw files for builders that read a manual directory (e.g. CamVid); empty
+    # means the builder's environment variable (FCN_JAX_CAMVID_DIR).
+    config.data.manual_dir = ""
     config.data.train_split = "train"
     config.data.eval_split = "validation"
     config.data.class_names = ("membrane", "cell")

@@ -49,9 +49,18 @@ def create_experiment(
     return Experiment(config=config, mesh=mesh, model=model, state=state)
 
 
+def _data_source(config: ml_collections.ConfigDict, split: str):
+    return pipeline.load_data_source(
+        config.data.name,
+        split,
+        config.data.data_dir,
+        manual_dir=config.data.manual_dir or None,
+    )
+
+
 def eval_batches(config: ml_collections.ConfigDict, mesh, split: str):
     """Whole-image batches of `split`, every example once across processes."""
-    source = pipeline.load_data_source(config.data.name, split, config.data.data_dir)
+    source = _data_source(config, split)
     return pipeline.eval_batches(
         source,
         batch_size=sharding.per_process_batch_size(config.data.eval_batch_size, mesh),
@@ -63,9 +72,7 @@ def eval_batches(config: ml_collections.ConfigDict, mesh, split: str):
 
 
 def create_train_iterator(config: ml_collections.ConfigDict, mesh):
-    source = pipeline.load_data_source(
-        config.data.name, config.data.train_split, config.data.data_dir
-    )
+    source = _data_source(config, config.data.train_split)
     loader = pipeline.create_train_loader(
         source,
         batch_size=sharding.per_process_batch_size(config.data.batch_size, mesh),
