@@ -11,6 +11,10 @@ Presets (comma-separated after a colon, e.g. `configs/unet.py:runlocal`):
             SGD with momentum 0.99, batch 1, elastic deformations. For
             accelerators.
   valid     VALID padding and overlap-tile evaluation at CPU size.
+  camvid    CamVid road scenes (11 classes, void ignored), median-frequency
+            class weights, 256x256 crops with horizontal flips, whole-image
+            (360x480) evaluation. Raw files from --config.data.manual_dir or
+            $FCN_JAX_CAMVID_DIR (train/, trainannot/, val/, valannot/).
   runlocal  a tiny model and a few steps, for smoke tests.
 
 Result of the default preset on a 2-core CPU (`make train`, 10 minutes): on
@@ -20,8 +24,9 @@ slices 25-29, pixel accuracy 0.9226, mean IoU 0.7906.
 import ml_collections
 
 from fcn_jax import config_lib
+from fcn_jax.data import camvid_config
 
-PRESETS = ("paper", "valid", "runlocal")
+PRESETS = ("camvid", "paper", "valid", "runlocal")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -41,6 +46,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.train.num_steps = 600
     config.eval.every_steps = 200
 
+    if "camvid" in presets:
+        camvid_config.use_camvid(config, class_weights=True)
+        config.model.base_width = 32
+        config.data.batch_size = 8
+        config.optim.learning_rate = 1e-3
+        config.train.num_steps = 3000
+        config.eval.every_steps = 500
     if "valid" in presets or "paper" in presets:
         config.model.padding = "VALID"
         config.eval.mode = "overlap_tile"

@@ -105,6 +105,7 @@ def default_config() -> ml_collections.ConfigDict:
     config.data.augment = ml_collections.ConfigDict()
     config.data.augment.flips = True
     config.data.augment.rotations = True
+    config.data.augment.vertical_flips = True
     # Elastic deformation: displacements with std `elastic_sigma` pixels on a
     # coarse `elastic_grid_size`^2 grid, spread smoothly over the image.
     config.data.augment.elastic_probability = 0.0

@@ -277,3 +277,19 @@ def test_eval_batches_cover_each_example_once(isbi):
         assert (batch["mask"][real] == 1).all() and (batch["mask"][~real] == 0).all()
         assert (batch["image"][~real] == 0).all()
         assert (batch["label"][~real] == IGNORE).all()
+
+
+def test_horizontal_only_flips_never_turn_the_image_upside_down():
+    flip = transforms.RandomFlipsAndRotations(
+        flips=True, rotations=False, vertical_flips=False
+    )
+    image = np.arange(12, dtype=np.uint8).reshape(3, 4, 1)
+    seen = set()
+    for seed in range(20):
+        out = flip.random_map(
+            {"image": image, "label": image[..., 0]}, np.random.default_rng(seed)
+        )
+        np.testing.assert_array_equal(out["image"][..., 0], out["label"])
+        assert out["image"][0, :, 0].tolist() in ([0, 1, 2, 3], [3, 2, 1, 0])
+        seen.add(tuple(out["image"][0, :, 0]))
+    assert len(seen) == 2

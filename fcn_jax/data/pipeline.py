@@ -24,6 +24,7 @@ __all__ = [
 DEFAULT_AUGMENT = {
     "flips": True,
     "rotations": True,
+    "vertical_flips": True,
     "elastic_sigma": 10.0,
     "elastic_grid_size": 3,
     "elastic_probability": 0.0,
@@ -69,7 +70,9 @@ def create_train_transforms(
     if options["flips"] or options["rotations"]:
         steps.append(
             transforms.RandomFlipsAndRotations(
-                bool(options["flips"]), bool(options["rotations"])
+                bool(options["flips"]),
+                bool(options["rotations"]),
+                bool(options["vertical_flips"]),
             )
         )
     if options["elastic_probability"] > 0:

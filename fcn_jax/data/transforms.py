@@ -65,19 +65,27 @@ class RandomFlipsAndRotations(grain.transforms.RandomMap):
     """Applies one random symmetry of the square to image and label.
 
     With both flags, all 8 (rotation by k * 90 degrees, then maybe a mirror);
-    with `flips` only, horizontal and vertical flips; with `rotations` only, the
-    4 rotations. Rotating a non-square input swaps H and W, so crop square first.
+    with `flips` only, horizontal and (if `vertical_flips`) vertical flips; with
+    `rotations` only, the 4 rotations. Rotating a non-square input swaps H and
+    W, so crop square first. Scenes with an up (roads) want flips only and
+    `vertical_flips=False`.
     """
 
     flips: bool = True
     rotations: bool = True
+    vertical_flips: bool = True
 
     def random_map(self, element: Example, rng: np.random.Generator) -> Example:
         turns = int(rng.integers(4)) if self.rotations else 0
         mirror = self.flips and bool(rng.integers(2))
         # A vertical flip is a mirror composed with a half turn; draw it only
         # when rotations cannot supply the half turn.
-        upside_down = self.flips and not self.rotations and bool(rng.integers(2))
+        upside_down = (
+            self.flips
+            and self.vertical_flips
+            and not self.rotations
+            and bool(rng.integers(2))
+        )
 
         def apply(array: np.ndarray) -> np.ndarray:
             array = np.rot90(array, turns, axes=(0, 1))
