@@ -48,10 +48,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     if "camvid" in presets:
         camvid_config.use_camvid(config, class_weights=True)
-        config.model.base_width = 32
         config.data.batch_size = 8
         config.optim.learning_rate = 1e-3
-        config.train.num_steps = 3000
+        config.train.num_steps = 1500
         config.eval.every_steps = 500
     if "valid" in presets or "paper" in presets:
         config.model.padding = "VALID"
