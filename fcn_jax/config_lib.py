@@ -1,13 +1,18 @@
 """Shared config defaults, strict preset parsing and config validation."""
 
+import dataclasses
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import ml_collections
+import numpy as np
 
 # Every choice-valued field and what it accepts; checked by `validate_config`.
 CHOICES: Mapping[str, tuple[str, ...]] = {
-    "model.name": ("unet",),
+    "model.name": ("unet", "fcn", "deeplabv3"),
+    "model.variant": ("32s", "16s", "8s"),
+    "model.backbone": ("vgg", "resnet"),
+    "model.output_stride": (8, 16, 32),
     "model.padding": ("SAME", "VALID"),
     "model.norm": ("batch", "group", "none"),
     "model.downsample": ("max_pool", "avg_pool", "strided_conv"),
@@ -56,32 +61,35 @@ def parse_presets(arg: str | None, known: Iterable[str]) -> set[str]:
     return requested
 
 
-def default_config() -> ml_collections.ConfigDict:
+def model_defaults(name: str) -> ml_collections.ConfigDict:
+    """`config.model` for model `name`: every field of its module, with defaults.
+
+    Deriving the group from the module keeps one source of truth for defaults;
+    `create_model` rejects any key the module lacks.
+    """
+    from fcn_jax.models import MODELS  # Deferred: configs load before jax is set up.
+
+    if name not in MODELS:
+        raise ValueError(f"Unknown model {name!r}; known: {', '.join(MODELS)}.")
+    group = ml_collections.ConfigDict({"name": name, "num_classes": 2})
+    for field in dataclasses.fields(MODELS[name]):
+        if field.name in ("parent", "name", "num_classes"):
+            continue
+        value = field.default
+        if isinstance(value, type):  # A dtype such as jnp.float32.
+            value = np.dtype(value).name
+        group[field.name] = value
+    if "max_pool_gradient" in group:
+        # 'argmax' (saved indices) on CPU, XLA's own gradient on accelerators.
+        group.max_pool_gradient = "auto"
+    return group
+
+
+def default_config(model_name: str = "unet") -> ml_collections.ConfigDict:
     """Defaults shared by every config file; a config overrides what it needs."""
     config = ml_collections.ConfigDict()
 
-    config.model = ml_collections.ConfigDict()
-    config.model.name = "unet"
-    config.model.num_classes = 2
-    config.model.depth = 4
-    config.model.base_width = 64
-    config.model.kernel_size = 3
-    config.model.padding = "SAME"
-    config.model.norm = "batch"
-    config.model.num_groups = 8
-    config.model.downsample = "max_pool"
-    # Max-pool backward: 'argmax' (saved indices, fast on CPU), 'xla', or 'auto'
-    # (argmax on CPU, XLA's own gradient on accelerators).
-    config.model.max_pool_gradient = "auto"
-    config.model.upsample = "transposed_conv"
-    config.model.up_kernel_size = 2
-    config.model.up_stride = 2
-    config.model.up_padding = 0
-    config.model.up_output_padding = 0
-    config.model.dtype = "float32"
-    config.model.param_dtype = "float32"
-    # Rematerialise encoder/decoder blocks: less activation memory, ~1/3 more compute.
-    config.model.remat = False
+    config.model = model_defaults(model_name)
 
     config.data = ml_collections.ConfigDict()
     config.data.name = "isbi2012_membrane"
@@ -158,9 +166,15 @@ def default_config() -> ml_collections.ConfigDict:
     return config
 
 
+_ABSENT = object()
+
+
 def _lookup(config: ml_collections.ConfigDict, dotted: str) -> Any:
+    """The value at `dotted`; _ABSENT for a model field this model lacks."""
     value = config
     for part in dotted.split("."):
+        if part not in value and dotted.startswith("model."):
+            return _ABSENT
         value = value[part]
     return value
 
@@ -169,12 +183,14 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     """Raises ValueError naming the key at fault if the config cannot run."""
     for key, accepted in CHOICES.items():
         value = _lookup(config, key)
-        if value not in accepted:
+        if value is not _ABSENT and value not in accepted:
             raise ValueError(
                 f"config.{key}={value!r} is not one of {', '.join(accepted)}."
             )
     for key in POSITIVE_INTS:
         value = _lookup(config, key)
+        if value is _ABSENT:
+            continue
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"config.{key}={value!r} must be a positive integer.")
     num_classes = config.model.num_classes

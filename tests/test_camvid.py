@@ -4,9 +4,10 @@ import shutil
 
 import numpy as np
 import pytest
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, load_config_module
 from PIL import Image
 
+from fcn_jax import train
 from fcn_jax.data import camvid, class_weights, pipeline, sources
 
 CAMVID_DIR = REPO_ROOT.parent / "shared" / "data" / "camvid"
@@ -196,3 +197,25 @@ def test_rare_classes_weigh_more_on_real_images(sources_by_split):
     rare = [c for c in ("pole", "pedestrian", "bicyclist") if weights[c] > 0]
     assert rare and all(weights[c] > 1 for c in rare)
     assert weights["road"] < 1 and weights["sky"] < 1
+
+
+@pytest.mark.parametrize(
+    "config_file",
+    ["unet.py:camvid,runlocal", "fcn8s.py:runlocal", "deeplabv3.py:runlocal"],
+)
+def test_every_architecture_trains_and_evaluates_on_real_camvid(
+    config_file, manual_dir, tmp_path
+):
+    path, presets = config_file.split(":")
+    config = load_config_module(REPO_ROOT / "configs" / path).get_config(presets)
+    config.unlock()
+    config.data.manual_dir = str(manual_dir)
+    config.data.data_dir = str(tmp_path / "tensorflow_datasets")
+    config.train.num_steps = 2
+    config.eval.every_steps = 2
+    config.lock()
+    summary = train.train_and_evaluate(config, str(tmp_path / "workdir"))
+    # Both validation images, whole (360x480), minus their void pixels.
+    assert 0 < summary["num_pixels"] <= 2 * 360 * 480
+    assert {f"iou/{name}" for name in camvid.CLASS_NAMES} <= set(summary)
+    assert 0.0 <= summary["pixel_accuracy"] <= 1.0
