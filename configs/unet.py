@@ -15,6 +15,9 @@ Presets (comma-separated after a colon, e.g. `configs/unet.py:runlocal`):
             class weights, 256x256 crops with horizontal flips, whole-image
             (360x480) evaluation. Raw files from --config.data.manual_dir or
             $FCN_JAX_CAMVID_DIR (train/, trainannot/, val/, valannot/).
+  pets      Oxford-IIIT Pet from the TFDS catalogue (pet / background, the
+            trimap's outline ignored), read from --config.data.data_dir (a
+            local folder or gs:// bucket holding the prepared data set).
   runlocal  a tiny model and a few steps, for smoke tests.
 
 Result of the default preset on a 2-core CPU (`make train`, 10 minutes): on
@@ -24,9 +27,9 @@ slices 25-29, pixel accuracy 0.9226, mean IoU 0.7906.
 import ml_collections
 
 from fcn_jax import config_lib
-from fcn_jax.data import camvid_config
+from fcn_jax.data import camvid_config, oxford_pet_config
 
-PRESETS = ("camvid", "paper", "valid", "runlocal")
+PRESETS = ("camvid", "pets", "paper", "valid", "runlocal")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -52,6 +55,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.optim.learning_rate = 1e-3
         config.train.num_steps = 1500
         config.eval.every_steps = 500
+    if "pets" in presets:
+        oxford_pet_config.use_oxford_pet(config)
+        config.data.batch_size = 8
+        config.optim.learning_rate = 1e-3
+        config.train.num_steps = 3000
+        config.eval.every_steps = 1000
     if "valid" in presets or "paper" in presets:
         config.model.padding = "VALID"
         config.eval.mode = "overlap_tile"

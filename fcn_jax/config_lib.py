@@ -7,6 +7,8 @@ from typing import Any
 import ml_collections
 import numpy as np
 
+from fcn_jax.data import keyed_source
+
 # Every choice-valued field and what it accepts; checked by `validate_config`.
 CHOICES: Mapping[str, tuple[str, ...]] = {
     "model.name": ("unet", "fcn", "deeplabv3"),
@@ -98,6 +100,12 @@ def default_config(model_name: str = "unet") -> ml_collections.ConfigDict:
     # Raw files for builders that read a manual directory (e.g. CamVid); empty
     # means the builder's environment variable (FCN_JAX_CAMVID_DIR).
     config.data.manual_dir = ""
+    # Any TFDS data set: the features holding the image and the label map, and
+    # 'stored:class' pairs for label values that are not class ids yet, e.g.
+    # '1:0,2:1,3:255' (values not listed pass through unchanged).
+    config.data.image_key = "image"
+    config.data.label_key = "label"
+    config.data.label_mapping = ""
     config.data.train_split = "train"
     config.data.eval_split = "validation"
     config.data.class_names = ("membrane", "cell")
@@ -203,6 +211,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             f"(model.num_classes={num_classes}); use a value outside [0, "
             f"{num_classes}), e.g. 255."
         )
+    keyed_source.parse_label_mapping(config.data.label_mapping)
     if not 0.0 <= config.eval.overlap < 1.0:
         raise ValueError(
             f"config.eval.overlap={config.eval.overlap} must be in [0, 1)."

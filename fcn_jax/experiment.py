@@ -8,7 +8,7 @@ import jax
 import ml_collections
 
 from fcn_jax import config_lib, models, optim, sharding, steps
-from fcn_jax.data import pipeline
+from fcn_jax.data import keyed_source, pipeline
 from fcn_jax.train_state import TrainState, abstract_train_state, create_train_state
 
 
@@ -50,11 +50,19 @@ def create_experiment(
 
 
 def _data_source(config: ml_collections.ConfigDict, split: str):
-    return pipeline.load_data_source(
+    """`split` of `config.data.name` as `{'image', 'label', 'id'}` examples."""
+    source = pipeline.load_data_source(
         config.data.name,
         split,
         config.data.data_dir,
         manual_dir=config.data.manual_dir or None,
+    )
+    return keyed_source.KeyedSource(
+        source,
+        image_key=config.data.image_key,
+        label_key=config.data.label_key,
+        label_mapping=keyed_source.parse_label_mapping(config.data.label_mapping),
+        name=f"{config.data.name}[{split}]",
     )
 
 

@@ -2,7 +2,7 @@
 
 import ml_collections
 
-from fcn_jax.data import camvid
+from fcn_jax.data import camvid, upright_photos
 
 # Over the 367 training images, [0, 1] scale, RGB; from
 # fcn_jax.data.pipeline.compute_mean_std on the train split.
@@ -26,12 +26,6 @@ def use_camvid(config: ml_collections.ConfigDict, *, class_weights: bool) -> Non
     config.data.ignore_label = camvid.IGNORE_LABEL
     config.data.mean = MEAN
     config.data.std = STD
-    config.data.crop_size = 256
-    config.data.eval_batch_size = 1
-    config.data.augment.flips = True
-    # Road scenes have an up: horizontal mirrors only.
-    config.data.augment.rotations = False
-    config.data.augment.vertical_flips = False
-    config.data.augment.elastic_probability = 0.0
+    upright_photos.use_upright_photo_augment(config)
     config.model.num_classes = camvid.NUM_CLASSES
     config.loss.class_weights = MEDIAN_FREQUENCY_WEIGHTS if class_weights else ()

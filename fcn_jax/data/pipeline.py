@@ -161,7 +161,9 @@ def eval_batches(
     [B, H, W, C], 'label': int32 [B, H, W], 'mask': float32 [B, H, W], 'id':
     int32 [B]}`. Padding examples have zero images, `ignore_label` labels,
     mask 0 and id -1. Every process yields the same number of batches, so
-    collective eval steps stay in lockstep. All images must share one size.
+    collective eval steps stay in lockstep. With one process, images of
+    different sizes go in different batches (each shape compiles once); with
+    several, all images must share one size so every process's batch matches.
     """
     index, count = _process(process_index, process_count)
     validate = transforms.ValidateLabels(num_classes, ignore_label)
@@ -174,7 +176,7 @@ def eval_batches(
         examples = [
             normalize.map(validate.map(source[i])) for i in mine[start:][:batch_size]
         ]
-        if reference is None:
+        if reference is None or (count == 1 and examples):
             reference = examples[0] if examples else normalize.map(source[0])
         yield _pad_batch(examples, reference, batch_size, ignore_label)
 
@@ -191,8 +193,9 @@ def _pad_batch(
         if example["image"].shape != image_shape:
             raise ValueError(
                 f"Example {example['id']} has image shape {example['image'].shape},"
-                f" expected {image_shape}: evaluation batches whole images, so "
-                "all images of the split must have one size."
+                f" expected {image_shape}: a batch holds whole images of one size, "
+                "so use eval_batch_size 1 per process and a single process, or "
+                "a split whose images share one size."
             )
     images = np.zeros((batch_size, *image_shape), np.float32)
     labels = np.full((batch_size, *image_shape[:2]), ignore_label, np.int32)
