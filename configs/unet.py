@@ -53,8 +53,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         camvid_config.use_camvid(config, class_weights=True)
         config.data.batch_size = 8
         config.optim.learning_rate = 1e-3
-        config.train.num_steps = 1500
-        config.eval.every_steps = 500
+        config.train.num_steps = 600
+        config.eval.every_steps = 300
     if "pets" in presets:
         oxford_pet_config.use_oxford_pet(config)
         config.data.batch_size = 8

@@ -49,7 +49,7 @@ def create_experiment(
     return Experiment(config=config, mesh=mesh, model=model, state=state)
 
 
-def _data_source(config: ml_collections.ConfigDict, split: str):
+def data_source(config: ml_collections.ConfigDict, split: str):
     """`split` of `config.data.name` as `{'image', 'label', 'id'}` examples."""
     source = pipeline.load_data_source(
         config.data.name,
@@ -68,7 +68,7 @@ def _data_source(config: ml_collections.ConfigDict, split: str):
 
 def eval_batches(config: ml_collections.ConfigDict, mesh, split: str):
     """Whole-image batches of `split`, every example once across processes."""
-    source = _data_source(config, split)
+    source = data_source(config, split)
     return pipeline.eval_batches(
         source,
         batch_size=sharding.per_process_batch_size(config.data.eval_batch_size, mesh),
@@ -80,7 +80,7 @@ def eval_batches(config: ml_collections.ConfigDict, mesh, split: str):
 
 
 def create_train_iterator(config: ml_collections.ConfigDict, mesh):
-    source = _data_source(config, config.data.train_split)
+    source = data_source(config, config.data.train_split)
     loader = pipeline.create_train_loader(
         source,
         batch_size=sharding.per_process_batch_size(config.data.batch_size, mesh),

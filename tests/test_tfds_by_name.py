@@ -113,7 +113,7 @@ def test_bad_mapping_is_a_config_error(foreign_data_dir):
 
 @needs_camvid
 def test_keys_and_mapping_give_the_camvid_labels(foreign_data_dir):
-    source = experiment._data_source(_config(foreign_data_dir), "train")
+    source = experiment.data_source(_config(foreign_data_dir), "train")
     examples = [source[i] for i in range(len(source))]
     assert len(examples) == len(PICKS["train"])
     for index, example in enumerate(examples):
@@ -137,7 +137,7 @@ def test_unknown_key_names_the_features(foreign_data_dir):
     config = _config(foreign_data_dir)
     config.data.label_key = "segmentation_mask"
     with pytest.raises(KeyError, match=r"label_key='segmentation_mask'.*annotation"):
-        experiment._data_source(config, "train")
+        experiment.data_source(config, "train")
 
 
 @needs_camvid
@@ -157,7 +157,7 @@ def test_trains_and_evaluates_by_name(foreign_data_dir, tmp_path):
     config.eval.every_steps = 2
     config.lock()
     summary = train.train_and_evaluate(config, str(tmp_path / "workdir"))
-    source = experiment._data_source(config, "test")
+    source = experiment.data_source(config, "test")
     non_void = int((source[0]["label"] != 255).sum())
     assert summary["num_pixels"] == non_void
     assert {f"iou/{name}" for name in camvid.CLASS_NAMES} <= set(summary)

@@ -43,14 +43,17 @@ class ASPP(nn.Module):
 
     Parallel branches, each of `features` channels: a 1x1 conv (`conv_1x1`), a
     3x3 conv of dilation r for each r in `rates` (`atrous_0`, `atrous_1`, ...)
-    and image pooling (`image_pool`); concatenated and projected by a 1x1 conv
-    (`project`). Every conv is followed by norm and ReLU.
+    and, with `image_pooling`, image pooling (`image_pool`); concatenated and
+    projected by a 1x1 conv (`project`). Every conv is followed by norm and
+    ReLU. Image pooling makes every output depend on the whole input, so
+    without it the module is translation equivariant.
     """
 
     features: int = 256
     rates: Sequence[int] = (6, 12, 18)
     norm: str = "batch"
     num_groups: int = 8
+    image_pooling: bool = True
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -69,7 +72,8 @@ class ASPP(nn.Module):
         for i, rate in enumerate(self.rates):
             atrous = branch(kernel_size=3, dilation=rate, name=f"atrous_{i}")
             branches.append(atrous(x, train=train))
-        pool = ImagePooling(self.features, name="image_pool", **shared)
-        branches.append(pool(x, train=train))
+        if self.image_pooling:
+            pool = ImagePooling(self.features, name="image_pool", **shared)
+            branches.append(pool(x, train=train))
         y = jnp.concatenate(branches, axis=-1)
         return branch(kernel_size=1, name="project")(y, train=train)

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax.typing import Dtype
 
-from fcn_jax.models.layers import ConvBlock, Downsample, create_norm
+from fcn_jax.models.layers import ConvBlock, Downsample, MaxPool, create_norm
 
 BACKBONES = ("vgg", "resnet")
 
@@ -191,8 +191,7 @@ class ResNetEncoder(nn.Module):
             **shared,
         )(x, train=train)
         features = {2: x}
-        window = (3,) * (x.ndim - 2)
-        x = nn.max_pool(x, window, strides=(2,) * len(window), padding="SAME")
+        x = MaxPool(window=3, stride=2, padding="SAME", name="pool1")(x)
         stride, dilation = 4, 1
         for s, num_blocks in enumerate(self.stage_sizes, start=2):
             block_stride = 1

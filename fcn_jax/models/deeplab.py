@@ -17,7 +17,7 @@ from fcn_jax.models.backbones import (
     pad_to_multiple,
 )
 from fcn_jax.models.heads import SegmentationHead
-from fcn_jax.models.layers import ConvBlock, center_crop
+from fcn_jax.models.layers import ConvBlock, Resize, center_crop
 
 # aspp_rates are given for this output stride and scaled for the others.
 REFERENCE_OUTPUT_STRIDE = 16
@@ -26,7 +26,7 @@ LOW_LEVEL_STRIDE = 4
 
 def _resize(x: jax.Array, spatial: Sequence[int]) -> jax.Array:
     """Bilinear (half-pixel-aligned) resize of [B, *S, C] to [B, *spatial, C]."""
-    return jax.image.resize(x, (x.shape[0], *spatial, x.shape[-1]), "linear")
+    return Resize("linear")(x, spatial)
 
 
 class DeepLabV3(SameSizeGeometry, nn.Module):
@@ -34,8 +34,9 @@ class DeepLabV3(SameSizeGeometry, nn.Module):
 
     An atrous ResNetEncoder (`backbone`) at `output_stride` 8 or 16, ASPP
     (`aspp`) with rates aspp_rates * 16 / output_stride (so (6, 12, 18) at 16
-    becomes (12, 24, 36) at 8), a 1x1 classifier (`classifier`) and bilinear
-    upsampling of the logits. With `decoder` (DeepLabv3+), the ASPP output is
+    becomes (12, 24, 36) at 8) and, with `image_pooling`, its image-level
+    branch, a 1x1 classifier (`classifier`) and bilinear upsampling of the
+    logits. With `decoder` (DeepLabv3+), the ASPP output is
     upsampled to stride 4, joined with the stride-4 features reduced by a 1x1
     conv (`low_level_proj`), refined by two 3x3 convs (`decoder_block`) and
     classified there.
@@ -51,6 +52,7 @@ class DeepLabV3(SameSizeGeometry, nn.Module):
     multi_grid: Sequence[int] = ()
     aspp_features: int = 256
     aspp_rates: Sequence[int] = (6, 12, 18)
+    image_pooling: bool = True
     decoder: bool = False
     low_level_features: int = 48
     decoder_features: int = 256
@@ -77,9 +79,13 @@ class DeepLabV3(SameSizeGeometry, nn.Module):
             name="backbone",
             **shared,
         )(x, train=train)
-        y = ASPP(self.aspp_features, rates=self.scaled_rates(), name="aspp", **shared)(
-            features[self.output_stride], train=train
-        )
+        y = ASPP(
+            self.aspp_features,
+            rates=self.scaled_rates(),
+            image_pooling=self.image_pooling,
+            name="aspp",
+            **shared,
+        )(features[self.output_stride], train=train)
         if self.decoder:
             low = ConvNormReLU(
                 self.low_level_features, kernel_size=1, name="low_level_proj", **shared

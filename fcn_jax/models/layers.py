@@ -139,6 +139,38 @@ def center_crop(x: jax.Array, spatial_shape: Sequence[int]) -> jax.Array:
     return x[(slice(None), *index, slice(None))]
 
 
+class Resize(nn.Module):
+    """Interpolates [B, *S, C] to [B, *spatial_shape, C] ('nearest' or 'linear',
+    half-pixel aligned). No parameters; a module so analysis tools see it."""
+
+    method: str = "linear"
+
+    @nn.compact
+    def __call__(self, x: jax.Array, spatial_shape: Sequence[int]) -> jax.Array:
+        _check_choice("interpolation", self.method, INTERPOLATIONS)
+        shape = (x.shape[0], *spatial_shape, x.shape[-1])
+        return jax.image.resize(x, shape, method=self.method)
+
+
+class MaxPool(nn.Module):
+    """Max pooling of [B, *S, C] with a `window`-wide, `stride` step window and
+    'SAME' or 'VALID' padding. No parameters; a module so analysis tools see it."""
+
+    window: int = 3
+    stride: int = 2
+    padding: str = "SAME"
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        rank = _spatial_rank(x)
+        return nn.max_pool(
+            x,
+            (self.window,) * rank,
+            strides=(self.stride,) * rank,
+            padding=self.padding,
+        )
+
+
 class Downsample(nn.Module):
     """Downsamples [B, *S, C] by `factor`: [B, *floor(S / factor), C'].
 
@@ -300,8 +332,8 @@ class Upsample(nn.Module):
                 "only apply to 'transposed_conv'; set them to 0 for 'resize_conv'."
             )
         rank = _spatial_rank(x)
-        shape = (x.shape[0], *(n * self.stride for n in x.shape[1:-1]), x.shape[-1])
-        x = jax.image.resize(x, shape, method=self.interpolation)
+        shape = tuple(n * self.stride for n in x.shape[1:-1])
+        x = Resize(self.interpolation, name="resize")(x, shape)
         return nn.Conv(
             self.features,
             kernel_size=(self.kernel_size,) * rank,
