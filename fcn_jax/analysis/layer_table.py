@@ -40,7 +40,8 @@ class LayerRow:
     dilation: tuple[int, ...]
     field: Field
     params: int
-    flops: int
+    flops: int  # every tap
+    flops_on_image: int  # taps on zero padding left out
 
 
 @dataclasses.dataclass
@@ -58,6 +59,10 @@ class LayerTable:
     @property
     def row_flops(self) -> int:
         return sum(row.flops for row in self.rows)
+
+    @property
+    def row_flops_on_image(self) -> int:
+        return sum(row.flops_on_image for row in self.rows)
 
 
 class _Frame:
@@ -210,14 +215,46 @@ def _params_at(params: dict, path: Sequence[str]) -> Any:
     return node
 
 
-def _flops(module: nn.Module, x: Any, y: Any, kernel: tuple[int, ...]) -> int:
-    """Multiply-adds count 2; pools count one op per window element."""
+def _taps_on_image(
+    n_in: int, n_out: int, kernel: int, stride: int, dilation: int, padding: Any
+) -> int:
+    """(output unit, tap) pairs along one axis whose tap reads the image, not
+    the zero padding around it."""
+    span = (kernel - 1) * dilation + 1
+    low = max((n_out - 1) * stride + span - n_in, 0) // 2 if padding == "SAME" else 0
+    return sum(
+        0 <= o * stride + a * dilation - low < n_in
+        for o in range(n_out)
+        for a in range(kernel)
+    )
+
+
+def _conv_macs(module: nn.Conv, x: Any, y: Any, geometry, on_image: bool) -> int:
+    """Multiply-adds of a conv: every tap, or only taps that read the image."""
+    kernel, stride, dilation = geometry
+    per_position = x.shape[-1] // module.feature_group_count * y.shape[-1]
+    if not on_image:
+        return int(np.prod(y.shape[:-1])) * math.prod(kernel) * per_position
+    taps = math.prod(
+        _taps_on_image(n_in, n_out, k, s, d, module.padding)
+        for n_in, n_out, k, s, d in zip(
+            x.shape[1:-1], y.shape[1:-1], kernel, stride, dilation
+        )
+    )
+    return y.shape[0] * taps * per_position
+
+
+def _flops(
+    module: nn.Module, x: Any, y: Any, kernel: tuple[int, ...], on_image: bool = False
+) -> int:
+    """Multiply-adds count 2; pools count one op per window element. With
+    `on_image`, conv taps that fall on zero padding are not counted (as XLA
+    counts them)."""
     out_elements = int(np.prod(y.shape))
     bias = out_elements if getattr(module, "use_bias", False) else 0
     if isinstance(module, nn.Conv):
-        groups = module.feature_group_count
-        macs = out_elements * math.prod(kernel) * x.shape[-1] // groups
-        return 2 * macs + bias
+        geometry = _conv_geometry(module, x.ndim - 2)
+        return 2 * _conv_macs(module, x, y, geometry, on_image) + bias
     if isinstance(module, layers.TransposedConv | nn.ConvTranspose):
         macs = int(np.prod(x.shape)) * math.prod(kernel) * y.shape[-1]
         return 2 * macs + out_elements
@@ -254,6 +291,7 @@ def _row(module: nn.Module, x: Any, y: Any, field: Field, params: dict) -> Layer
         field=field,
         params=_count(_params_at(params, module.path)),
         flops=_flops(module, x, y, kernel),
+        flops_on_image=_flops(module, x, y, kernel, on_image=True),
     )
 
 

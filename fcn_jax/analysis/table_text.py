@@ -84,10 +84,11 @@ def format_totals(table: LayerTable, xla_flops: float | None) -> str:
         flops,
     ]
     if xla_flops:
+        on_image = table.row_flops_on_image
         lines.append(
-            f"  XLA cost analysis of the compiled forward pass: {_human(xla_flops)} "
-            f"(layers / XLA = {table.row_flops / xla_flops:.3f}; XLA skips taps that "
-            "fall on padding and adds element-wise ops such as ReLU)"
+            f"  {_human(on_image)} without the conv taps that fall on zero padding;"
+            f" XLA's cost analysis of the compiled forward pass: {_human(xla_flops)}"
+            f" (ratio {on_image / xla_flops:.3f}; XLA also counts ReLUs and sums)"
         )
     return "\n".join(lines)
 
