@@ -8,11 +8,14 @@ preservation policy below keeps both.
 
 import math
 import os
+import shutil
+import time
 
 import grain
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
+from absl import logging
 from orbax.checkpoint.checkpoint_managers import preservation_policy
 
 from fcn_jax.train_state import TrainState
@@ -101,3 +104,54 @@ def restore_state(
             f"Orbax said: {error}"
         ) from error
     return restored[STATE_ITEM]
+
+
+def damaged_dir(workdir: str) -> str:
+    return os.path.join(os.path.abspath(workdir), "damaged_checkpoints")
+
+
+def restore_newest_usable(
+    manager: ocp.CheckpointManager,
+    abstract_state: TrainState,
+    data_iterator: grain.DataLoaderIterator,
+) -> tuple[TrainState, int] | None:
+    """Restores the newest checkpoint that reads back whole; None if there is none.
+
+    Orbax only gives a step its final name once it is fully written, so a kill
+    during a save leaves no partial step behind. A step damaged later
+    (truncated or missing files) is skipped with a warning naming it, and once
+    an older step restores, moved to <workdir>/damaged_checkpoints/ so that
+    the resumed run never writes into it. If no step restores, the newest
+    step's error is raised (a checkpoint of another model fails at every step).
+    """
+    steps = sorted(manager.all_steps(), reverse=True)
+    errors = []
+    for step in steps:
+        try:
+            state = restore_state(manager, step, abstract_state, data_iterator)
+        except Exception as error:  # noqa: BLE001 - any failure means unusable
+            path = os.path.join(manager.directory, str(step))
+            logging.warning(
+                "Checkpoint %s cannot be restored, skipped: %s", path, error
+            )
+            errors.append((step, error))
+            continue
+        if errors:
+            _quarantine(manager, [s for s, _ in errors])
+        return state, step
+    if errors:
+        raise errors[0][1]
+    return None
+
+
+def _quarantine(manager: ocp.CheckpointManager, steps: list[int]) -> None:
+    """Moves damaged steps out of the checkpoint directory, keeping their files."""
+    target = os.path.join(damaged_dir(os.path.dirname(manager.directory)))
+    os.makedirs(target, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for step in steps:
+        source = os.path.join(manager.directory, str(step))
+        destination = os.path.join(target, f"{step}_{stamp}")
+        shutil.move(source, destination)
+        logging.warning("Moved damaged checkpoint %s to %s", source, destination)
+    manager.reload()

@@ -155,6 +155,10 @@ def default_config(model_name: str = "unet") -> ml_collections.ConfigDict:
     # Persistent XLA cache in <workdir>/xla_cache for compiles slower than this.
     config.train.compilation_cache = True
     config.train.cache_min_compile_seconds = 0.5
+    # A non-finite loss or gradient norm stops training; with this set, such
+    # updates are skipped instead (parameters and optimizer state kept) and
+    # counted in train/nonfinite_updates.
+    config.train.skip_nonfinite_updates = False
 
     config.eval = ml_collections.ConfigDict()
     config.eval.every_steps = 200
@@ -171,6 +175,8 @@ def default_config(model_name: str = "unet") -> ml_collections.ConfigDict:
     config.ckpt = ml_collections.ConfigDict()
     config.ckpt.max_to_keep = 2
     config.ckpt.async_save = True
+    # Extra checkpoints between evaluations every this many steps (0: none).
+    config.ckpt.every_steps = 0
     return config
 
 

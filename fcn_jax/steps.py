@@ -61,14 +61,22 @@ def train_step(
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     (loss, (updates, components, accuracy)), grads = grad_fn(state.params)
-    state = state.apply_gradients(grads=grads, batch_stats=updates["batch_stats"])
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    new_state = state.apply_gradients(grads=grads, batch_stats=updates["batch_stats"])
+    if config.train.skip_nonfinite_updates:
+        kept = state.replace(step=state.step + 1)
+        new_state = jax.tree.map(
+            lambda new, old: jnp.where(finite, new, old), new_state, kept
+        )
     step_metrics = {
         "loss": loss,
         "pixel_accuracy": accuracy,
-        "grad_norm": optax.tree.norm(grads),
+        "grad_norm": grad_norm,
+        "nonfinite_updates": 1.0 - finite.astype(jnp.float32),
         **components,
     }
-    return state, step_metrics
+    return new_state, step_metrics
 
 
 def predict_logits(

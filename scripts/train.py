@@ -2,7 +2,12 @@ r"""Trains a model from a config; rerunning on the same workdir resumes.
 
   python scripts/train.py --config=configs/unet.py --workdir=runs/unet_isbi \
       [--config.optim.learning_rate=3e-4]
+
+SIGTERM or Ctrl-C stops after the current step, saves a checkpoint and exits
+with 128 + the signal number; rerunning the command resumes exactly.
 """
+
+import sys
 
 from fcn_jax import cpu_flags
 
@@ -11,7 +16,7 @@ cpu_flags.configure()
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from fcn_jax import train
+from fcn_jax import preemption, train
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config",
@@ -27,7 +32,14 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)
-    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    try:
+        train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    except preemption.Preempted as stopped:
+        print(stopped, file=sys.stderr)
+        sys.exit(stopped.exit_code)
+    except train.NonFiniteError as error:
+        print(error, file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

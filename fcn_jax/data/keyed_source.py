@@ -84,6 +84,15 @@ class KeyedSource(Sequence):
     def __len__(self) -> int:
         return len(self._source)
 
+    def __repr__(self) -> str:
+        # Grain compares this text when it restores an iterator's position, so
+        # it must name the data and the view, never an object's address.
+        mapping = None if self._lookup is None else self._lookup.tolist()
+        return (
+            f"KeyedSource({self._source!r}, image_key={self._image_key!r}, "
+            f"label_key={self._label_key!r}, label_lookup={mapping})"
+        )
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         record = self._source[index]
         image = np.asarray(record[self._image_key])
