@@ -1,7 +1,7 @@
 """Shared config defaults, strict preset parsing and config validation."""
 
 import dataclasses
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import ml_collections
@@ -106,6 +106,9 @@ def default_config(model_name: str = "unet") -> ml_collections.ConfigDict:
     config.data.image_key = "image"
     config.data.label_key = "label"
     config.data.label_mapping = ""
+    # A grayscale image where the config expects RGB is an error unless this
+    # is set, which repeats it into three channels.
+    config.data.convert_grayscale = False
     config.data.train_split = "train"
     config.data.eval_split = "validation"
     config.data.class_names = ("membrane", "cell")
@@ -210,7 +213,14 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     num_classes = config.model.num_classes
     _check_length(config, "data.class_names", num_classes, allow_empty=False)
     _check_length(config, "loss.class_weights", num_classes, allow_empty=True)
-    _check_length(config, "data.std", len(config.data.mean), allow_empty=False)
+    channels = config.data.mean
+    _check_length(
+        config,
+        "data.mean",
+        len(channels) if isinstance(channels, tuple) else 1,
+        allow_empty=False,
+    )
+    _check_length(config, "data.std", len(channels), allow_empty=False)
     if 0 <= config.data.ignore_label < num_classes:
         raise ValueError(
             f"config.data.ignore_label={config.data.ignore_label} is a real class id "
@@ -234,8 +244,9 @@ def _check_length(
     config: ml_collections.ConfigDict, key: str, expected: int, *, allow_empty: bool
 ) -> None:
     value = _lookup(config, key)
-    if not isinstance(value, Sequence) or isinstance(value, str):
-        raise TypeError(f"config.{key}={value!r} must be a tuple.")
+    if not isinstance(value, tuple):
+        example = tuple(value) if isinstance(value, list) else (0.5, 0.5, 0.5)
+        raise TypeError(f"config.{key}={value!r} must be a tuple, e.g. {example!r}.")
     if allow_empty and not value:
         return
     if len(value) != expected:

@@ -63,6 +63,8 @@ def data_source(config: ml_collections.ConfigDict, split: str):
         label_key=config.data.label_key,
         label_mapping=keyed_source.parse_label_mapping(config.data.label_mapping),
         name=f"{config.data.name}[{split}]",
+        channels=len(config.data.mean),
+        convert_grayscale=config.data.convert_grayscale,
     )
 
 
@@ -94,3 +96,11 @@ def create_train_iterator(config: ml_collections.ConfigDict, mesh):
         worker_count=config.data.worker_count,
     )
     return iter(loader)
+
+
+def check_data(config: ml_collections.ConfigDict, mesh) -> None:
+    """Reads one training batch (from an iterator of its own, so the run's
+    data order is untouched) and one evaluation batch, so that missing splits,
+    wrong keys, channels or label values fail before a run writes anything."""
+    next(create_train_iterator(config, mesh))
+    next(eval_batches(config, mesh, config.data.eval_split))

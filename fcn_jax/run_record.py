@@ -3,6 +3,7 @@
 import json
 import os
 import subprocess
+import time
 
 import jax
 import ml_collections
@@ -50,25 +51,59 @@ def load_config_json(workdir: str) -> dict | None:
         return json.load(f)
 
 
-def record_run(workdir: str, config: ml_collections.ConfigDict) -> None:
+# Where the data and caches live, not what the run computes: may change freely.
+ENVIRONMENT_KEYS = (
+    "data.data_dir",
+    "data.manual_dir",
+    "data.worker_count",
+    "train.compilation_cache",
+    "train.cache_min_compile_seconds",
+)
+CHANGES_FILE = "config_changes.txt"
+
+
+def record_run(
+    workdir: str,
+    config: ml_collections.ConfigDict,
+    *,
+    allow_config_change: bool = False,
+) -> None:
     """Writes the resolved config and the run's environment into `workdir`.
 
-    If the workdir already holds a run whose model config differs, raises a
-    ValueError listing the differing keys: its checkpoints would not fit.
+    A workdir that already holds a run is checked first. A different model is
+    refused (its checkpoints would not fit); any other difference, apart from
+    `ENVIRONMENT_KEYS`, is refused unless `allow_config_change`, in which case
+    the changes are appended to config_changes.txt. Raises ValueError listing
+    the keys.
     """
     current = json.loads(config.to_json())
     saved = load_config_json(workdir)
+    changed = []
     if saved is not None:
-        changed = _differences(saved.get("model", {}), current["model"], "model.")
-        if changed:
+        model = _differences(saved.get("model", {}), current["model"], "model.")
+        if model:
             raise ValueError(
-                f"{workdir} holds a run of a different model ({'; '.join(changed)}). "
+                f"{workdir} holds a run of a different model ({'; '.join(model)}). "
                 "Use a fresh --workdir, or restore the saved config in "
                 f"{os.path.join(workdir, CONFIG_FILE)}."
+            )
+        changed = [
+            line
+            for line in _differences(saved, current)
+            if not line.startswith(tuple(f"{key}:" for key in ENVIRONMENT_KEYS))
+        ]
+        if changed and not allow_config_change:
+            raise ValueError(
+                f"{workdir} holds a run with another config ({'; '.join(changed)}). "
+                "Resume with the saved config, use a fresh --workdir, or pass "
+                "--allow_config_change to continue with the new values."
             )
     if jax.process_index() != 0:
         return
     os.makedirs(workdir, exist_ok=True)
+    if changed:
+        with open(os.path.join(workdir, CHANGES_FILE), "a") as f:
+            f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {'; '.join(changed)}\n")
     with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
         f.write(config.to_json(indent=2))
     if not os.path.exists(os.path.join(workdir, RUN_FILE)):

@@ -13,6 +13,7 @@ from absl import logging
 
 from fcn_jax import (
     checkpointing,
+    config_lib,
     evaluation,
     preemption,
     reporting,
@@ -21,7 +22,12 @@ from fcn_jax import (
     steps,
     xla_cache,
 )
-from fcn_jax.experiment import create_experiment, create_train_iterator, eval_batches
+from fcn_jax.experiment import (
+    check_data,
+    create_experiment,
+    create_train_iterator,
+    eval_batches,
+)
 
 
 def _evaluate_and_save(experiment, manager, data_iterator, writer, step) -> dict:
@@ -43,7 +49,12 @@ class NonFiniteError(FloatingPointError):
     """The loss or gradient norm of a step was NaN or infinite."""
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def train_and_evaluate(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    *,
+    allow_config_change: bool = False,
+) -> dict:
     """Trains `config` in `workdir`, resuming from its newest usable checkpoint.
 
     Returns the last evaluation summary (per-class IoU, mean IoU, accuracies).
@@ -54,10 +65,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       NonFiniteError: on a non-finite loss or gradient norm (unless
         `train.skip_nonfinite_updates`); nothing from that step on is saved.
     """
+    # Bad configs and data fail here, before anything is written to the workdir.
+    config_lib.validate_config(config)
+    check_data(config, sharding.create_mesh())
+    experiment = create_experiment(config)
+    run_record.record_run(workdir, config, allow_config_change=allow_config_change)
     if config.train.compilation_cache:
         xla_cache.use_persistent_cache(workdir, config.train.cache_min_compile_seconds)
-    experiment = create_experiment(config)
-    run_record.record_run(workdir, config)
     data_iterator = create_train_iterator(config, experiment.mesh)
     manager = checkpointing.create_checkpoint_manager(workdir, config)
     writer = reporting.MetricWriter(workdir)

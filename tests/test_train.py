@@ -93,7 +93,11 @@ def test_rerun_resumes_from_the_latest_checkpoint(trained_workdir, tmp_path, dat
     resumed_dir = tmp_path / "resumed"
     subprocess.run(["cp", "-r", workdir, str(resumed_dir)], check=True)
     longer = _runlocal_config(data_dir, **{"train.num_steps": 9})
-    train.train_and_evaluate(longer, str(resumed_dir))
+    with pytest.raises(ValueError, match=r"another config \(train.num_steps: 6 -> 9\)"):
+        train.train_and_evaluate(longer, str(resumed_dir))
+    train.train_and_evaluate(longer, str(resumed_dir), allow_config_change=True)
+    with open(resumed_dir / "config_changes.txt") as f:
+        assert "train.num_steps: 6 -> 9" in f.read()
     manager = checkpointing.create_checkpoint_manager(
         str(resumed_dir), longer, read_only=True
     )

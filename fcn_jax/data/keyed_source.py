@@ -62,6 +62,8 @@ class KeyedSource(Sequence):
         label_key: str = "label",
         label_mapping: Mapping[int, int] | None = None,
         name: str = "data set",
+        channels: int | None = None,
+        convert_grayscale: bool = False,
     ):
         if len(source) == 0:
             raise ValueError(f"{name} has no examples in this split.")
@@ -73,6 +75,9 @@ class KeyedSource(Sequence):
                     f"features are {sorted(first)}."
                 )
         self._source = source
+        self._name = name
+        self._channels = channels
+        self._convert_grayscale = convert_grayscale
         self._image_key = image_key
         self._label_key = label_key
         self._lookup = None
@@ -80,6 +85,23 @@ class KeyedSource(Sequence):
             self._lookup = np.arange(256, dtype=np.int32)
             for stored, class_id in label_mapping.items():
                 self._lookup[stored] = class_id
+
+    def _check_channels(self, image: np.ndarray, example_id: Any) -> np.ndarray:
+        expected = self._channels
+        if expected is None or image.shape[-1] == expected:
+            return image
+        if image.shape[-1] == 1 and expected == 3 and self._convert_grayscale:
+            return np.repeat(image, 3, axis=-1)
+        hint = (
+            " Set config.data.convert_grayscale=True to repeat a grayscale image"
+            " into three channels."
+            if image.shape[-1] == 1 and expected == 3
+            else ""
+        )
+        raise ValueError(
+            f"Example {example_id} of {self._name} has {image.shape[-1]} image "
+            f"channel(s); the config expects {expected} (len(config.data.mean))." + hint
+        )
 
     def __len__(self) -> int:
         return len(self._source)
@@ -90,7 +112,8 @@ class KeyedSource(Sequence):
         mapping = None if self._lookup is None else self._lookup.tolist()
         return (
             f"KeyedSource({self._source!r}, image_key={self._image_key!r}, "
-            f"label_key={self._label_key!r}, label_lookup={mapping})"
+            f"label_key={self._label_key!r}, label_lookup={mapping}, "
+            f"channels={self._channels}, convert_grayscale={self._convert_grayscale})"
         )
 
     def __getitem__(self, index: int) -> dict[str, Any]:
@@ -98,6 +121,7 @@ class KeyedSource(Sequence):
         image = np.asarray(record[self._image_key])
         if image.ndim == 2:
             image = image[..., None]
+        image = self._check_channels(image, record.get("id", index))
         label = np.asarray(record[self._label_key])
         if label.ndim == 2:
             label = label[..., None]
