@@ -97,7 +97,8 @@ def test_unknown_key_and_wrong_types_are_named(data_dir):
 def test_input_smaller_than_the_total_stride(data_dir, tmp_path):
     # Depth 2 halves twice: a 2-pixel crop cannot be pooled to stride 4.
     config = _unet(data_dir, **{"data.crop_size": 2})
-    _fails_writing_nothing(config, tmp_path / "run", "2")
+    message = _fails_writing_nothing(config, tmp_path / "run", "input size 2")
+    assert "nearest valid sizes: 4" in message
 
 
 def test_valid_unet_size_with_no_output(data_dir, tmp_path):
