@@ -41,8 +41,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.optim.name = "adam"
     config.optim.learning_rate = 1e-3
     config.schedule.name = "poly"
-    config.train.num_steps = 600
-    config.eval.every_steps = 300
+    config.train.num_steps = 400
+    config.eval.every_steps = 200
 
     if "os8" in presets:
         config.model.output_stride = 8
