@@ -22,6 +22,25 @@ Presets (comma-separated after a colon, e.g. `configs/unet.py:runlocal`):
 
 Result of the default preset on a 2-core CPU (`make train`, 10 minutes): on
 slices 25-29, pixel accuracy 0.9226, mean IoU 0.7906.
+
+Result of `camvid` (600 steps of batch 8, 60 minutes on 2 shared CPU cores):
+
+  python scripts/train.py --config=configs/unet.py:camvid --workdir=runs/unet_camvid \
+      --config.data.manual_dir=../shared/data/camvid
+  python scripts/evaluate.py --config=configs/unet.py:camvid --workdir=runs/unet_camvid \
+      --config.data.manual_dir=../shared/data/camvid --best
+
+CamVid validation (101 images, 360x480): mean IoU 0.3513, global accuracy
+0.6917, class-average accuracy 0.5918.
+
+`sweep()` crosses three learning rates with two losses (6 runs, one after
+another; `--summarize` ranks them by validation mean IoU):
+
+  python scripts/sweep.py --config=configs/unet.py:camvid \
+      --workdir_root=runs/unet_camvid_sweep --run_local \
+      --set=data.manual_dir=../shared/data/camvid
+  python scripts/sweep.py --config=configs/unet.py:camvid \
+      --workdir_root=runs/unet_camvid_sweep --summarize
 """
 
 import ml_collections
@@ -93,3 +112,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config_lib.validate_config(config)
     config.lock()
     return config
+
+
+def sweep() -> list[dict]:
+    """Learning rate x loss: cross-entropy alone, or cross-entropy plus Dice."""
+    losses = (
+        {"loss.dice_weight": 0.0, "loss.cross_entropy_weight": 1.0},
+        {"loss.dice_weight": 1.0},
+    )
+    return [
+        {"optim.learning_rate": learning_rate, **loss}
+        for learning_rate in (3e-4, 1e-3, 3e-3)
+        for loss in losses
+    ]

@@ -11,7 +11,7 @@ from test_camvid import tiny_manual_dir  # noqa: F401 - a fixture
 from test_tfds_by_name import _config as foreign_config
 from test_tfds_by_name import foreign_data_dir  # noqa: F401 - a fixture
 
-from fcn_jax import experiment, sharding, train
+from fcn_jax import config_lib, experiment, sharding, train
 from fcn_jax.data import keyed_source
 
 
@@ -91,7 +91,7 @@ def test_unknown_key_and_wrong_types_are_named(data_dir):
     untyped = ml_collections.ConfigDict(config.to_dict(), type_safe=False)
     untyped.data.mean = 0.5
     with pytest.raises(TypeError, match=r"config.data.mean=0.5 must be a tuple"):
-        experiment.create_experiment(untyped)
+        config_lib.validate_config(untyped)
 
 
 def test_input_smaller_than_the_total_stride(data_dir, tmp_path):

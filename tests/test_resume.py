@@ -4,6 +4,7 @@ preemption, damaged-checkpoint fallback and the non-finite guard."""
 import functools
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
@@ -100,10 +101,15 @@ def _final_params(config, workdir) -> list[np.ndarray]:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, data_dir):
+def uninterrupted(tmp_path_factory, data_dir) -> pathlib.Path:
     workdir = tmp_path_factory.mktemp("uninterrupted")
     _run(workdir, data_dir)
-    return _final_params(_config(data_dir), workdir)
+    return workdir
+
+
+@pytest.fixture(scope="module")
+def reference(uninterrupted, data_dir):
+    return _final_params(_config(data_dir), uninterrupted)
 
 
 def _assert_identical(config, workdir, reference) -> None:
@@ -112,24 +118,30 @@ def _assert_identical(config, workdir, reference) -> None:
     assert all(np.array_equal(a, b) for a, b in zip(final, reference))
 
 
-@pytest.mark.parametrize(
-    "kill_when",
-    ["between_saves", "during_async_save", "after_last_save"],
-)
-def test_sigkill_then_resume_is_bit_exact(kill_when, reference, data_dir, tmp_path):
-    workdir = tmp_path / "run"
-    process = _start(workdir, data_dir)
-    if kill_when == "between_saves":
+def _kill(process: subprocess.Popen, workdir, when: str) -> None:
+    """SIGKILLs the run at `when`: between saves, during an async save, or
+    right after the last save."""
+    if when == "between_saves":
         _wait_for(lambda: 8 in _steps(workdir), process)
         time.sleep(0.5)  # somewhere in steps 9-11
-    elif kill_when == "during_async_save":
-        _wait_for(lambda: 4 in _steps(workdir), process)
+    elif when == "during_async_save":
         _wait_for(lambda: _saving(workdir), process)
     else:
         _wait_for(lambda: NUM_STEPS in _steps(workdir), process)
     process.send_signal(signal.SIGKILL)
     process.communicate()
     assert process.returncode == -signal.SIGKILL
+
+
+def test_killed_at_three_points_then_resumed_is_bit_exact(
+    reference, data_dir, tmp_path
+):
+    # One run killed, restarted and killed again at each point, then finished:
+    # every restart must pick up exactly where the uninterrupted run was.
+    workdir = tmp_path / "run"
+    for when in ("between_saves", "during_async_save", "after_last_save"):
+        _kill(_start(workdir, data_dir), workdir, when)
+    assert NUM_STEPS in _steps(workdir)
     _run(workdir, data_dir)
     _assert_identical(_config(data_dir), workdir, reference)
 
@@ -149,9 +161,11 @@ def test_sigterm_saves_and_says_how_to_resume(reference, data_dir, tmp_path):
     _assert_identical(_config(data_dir), workdir, reference)
 
 
-def test_damaged_newest_checkpoint_is_skipped(reference, data_dir, tmp_path, caplog):
+def test_damaged_newest_checkpoint_is_skipped(
+    uninterrupted, reference, data_dir, tmp_path, caplog
+):
     workdir = tmp_path / "run"
-    train.train_and_evaluate(_config(data_dir), str(workdir))
+    shutil.copytree(uninterrupted, workdir)
     assert _steps(workdir)[-2:] == [20, NUM_STEPS]
     # Truncate every file of the newest state: a disk that filled up.
     newest = pathlib.Path(checkpointing.checkpoint_dir(str(workdir))) / str(NUM_STEPS)
