@@ -15,7 +15,9 @@ Presets (comma-separated after a colon):
   plus      the DeepLabv3+ decoder (stride-4 low-level skip).
   runlocal  a tiny model and a few steps, for smoke tests.
 
-Result: not yet measured on CamVid (see README).
+Result of the default (400 steps of batch 8, 9 minutes on 2 CPU cores),
+CamVid validation (101 images, 360x480): mean IoU 0.4370, global accuracy
+0.7209, class-average accuracy 0.6844.
 """
 
 import ml_collections
