@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 WORKDIR ?= runs/unet_isbi
 CONFIG ?= configs/unet.py
 
-.PHONY: train test lint format benchmark clean-venv
+.PHONY: train test test-long lint format benchmark clean-venv
 
 $(STAMP): requirements.lock pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,7 +28,12 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix .
 
 test: lint
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -m "not long" tests
+
+# Multi-minute end-to-end tests (SIGKILL/SIGTERM resume, sweeps, inspection
+# from checkpoints); CI runs them after `make test`.
+test-long: $(STAMP)
+	$(BIN)/python -m pytest -q -m long tests
 
 # Regenerates README.md's performance table (about 15 minutes on 2 CPU cores).
 BENCH := $(BIN)/python scripts/benchmark.py --config=configs/unet.py \

@@ -18,6 +18,7 @@ def _config(config_file: str, presets: str, data_dir: str | None = None):
     return config
 
 
+@pytest.mark.long
 @pytest.mark.parametrize(
     "config_file, spatial",
     [("deeplabv3.py", (64, 64)), ("fcn8s.py", (64, 96))],
@@ -52,6 +53,7 @@ def test_valid_unet_lists_valid_sizes():
         )
 
 
+@pytest.mark.long
 def test_erf_from_a_trained_checkpoint_on_real_images(data_dir, tmp_path):
     config = _config("unet.py", "runlocal", data_dir)
     workdir = str(tmp_path / "run")

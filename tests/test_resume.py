@@ -133,6 +133,7 @@ def _kill(process: subprocess.Popen, workdir, when: str) -> None:
     assert process.returncode == -signal.SIGKILL
 
 
+@pytest.mark.long
 def test_killed_at_three_points_then_resumed_is_bit_exact(
     reference, data_dir, tmp_path
 ):
@@ -146,6 +147,7 @@ def test_killed_at_three_points_then_resumed_is_bit_exact(
     _assert_identical(_config(data_dir), workdir, reference)
 
 
+@pytest.mark.long
 def test_sigterm_saves_and_says_how_to_resume(reference, data_dir, tmp_path):
     workdir = tmp_path / "run"
     process = _start(workdir, data_dir)
@@ -161,6 +163,7 @@ def test_sigterm_saves_and_says_how_to_resume(reference, data_dir, tmp_path):
     _assert_identical(_config(data_dir), workdir, reference)
 
 
+@pytest.mark.long
 def test_damaged_newest_checkpoint_is_skipped(
     uninterrupted, reference, data_dir, tmp_path, caplog
 ):
@@ -183,6 +186,7 @@ def test_damaged_newest_checkpoint_is_skipped(
     _assert_identical(_config(data_dir), workdir, reference)
 
 
+@pytest.mark.long
 def test_checkpoint_of_another_model_is_not_taken_for_damage(data_dir, tmp_path):
     workdir = str(tmp_path / "run")
     train.train_and_evaluate(_config(data_dir, **{"train.num_steps": 4}), workdir)

@@ -133,6 +133,7 @@ def test_summary_reads_checkpoint_metrics_then_eval_files(tmp_path):
     assert (row["best_mean_iou"], row["best_step"]) == (0.5, 6)
 
 
+@pytest.mark.long
 def test_a_real_sweep_runs_locally_and_is_summarised(tmp_path, data_dir, monkeypatch):
     # One compilation cache for the runs (init and eval steps are shared).
     monkeypatch.setenv(xla_cache.CACHE_DIR_ENV, str(tmp_path / "xla_cache"))
