@@ -199,6 +199,7 @@ def test_rare_classes_weigh_more_on_real_images(sources_by_split):
     assert weights["road"] < 1 and weights["sky"] < 1
 
 
+@pytest.mark.long
 @pytest.mark.parametrize(
     "config_file",
     ["unet.py:camvid,runlocal", "fcn8s.py:runlocal", "deeplabv3.py:runlocal"],

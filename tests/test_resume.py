@@ -211,6 +211,7 @@ def test_nonfinite_loss_stops_and_names_step_and_checkpoint(data_dir, tmp_path):
     assert all(step < bad_step for step in _steps(workdir))
 
 
+@pytest.mark.long
 def test_skip_nonfinite_updates_keeps_the_state(data_dir):
     config = _config(data_dir, **{"train.skip_nonfinite_updates": True})
     experiment = create_experiment(config)

@@ -54,6 +54,7 @@ def fixed_batch():
     return images, labels
 
 
+@pytest.mark.long
 @pytest.mark.parametrize(
     "option", [{"max_pool_gradient": "argmax"}, {"remat": True}], ids=str
 )
@@ -80,6 +81,7 @@ def test_auto_max_pool_gradient_is_argmax_on_cpu():
     )
 
 
+@pytest.mark.long
 def test_bfloat16_compute_agrees_with_float32(fixed_batch):
     """bf16 activations, float32 params/logits/loss: loss within 1% relative,
     gradients pointing the same way (cosine > 0.95; bf16 keeps 8 mantissa bits,
@@ -101,6 +103,7 @@ def test_bfloat16_compute_agrees_with_float32(fixed_batch):
     assert cosine > 0.95
 
 
+@pytest.mark.long
 def test_benchmark_script_runs_on_a_tiny_config(tmp_path, data_dir):
     command = [
         sys.executable,

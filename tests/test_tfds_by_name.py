@@ -150,6 +150,7 @@ def test_a_mapping_to_no_class_is_named(foreign_data_dir):
         next(experiment.create_train_iterator(config, mesh))
 
 
+@pytest.mark.long
 @needs_camvid
 def test_trains_and_evaluates_by_name(foreign_data_dir, tmp_path):
     config = _config(foreign_data_dir)

@@ -27,6 +27,7 @@ def _runlocal_config(data_dir, **overrides):
     return config
 
 
+@pytest.mark.long
 def test_unet_overfits_one_real_batch(data_dir):
     config = _runlocal_config(
         data_dir,
@@ -115,6 +116,7 @@ def test_a_workdir_of_another_model_is_refused(trained_workdir, data_dir):
         evaluate.evaluate_checkpoint(wider, workdir)
 
 
+@pytest.mark.long
 def test_valid_unet_trains_and_evaluates_by_overlap_tile(tmp_path, data_dir):
     config = _runlocal_config(data_dir, **{"train.num_steps": 2})
     config.unlock()
