@@ -54,8 +54,10 @@ def load_variables(
     return model, variables, f"initialisation (seed {config.train.seed})"
 
 
-def table_section(model, variables, input_shape: Sequence[int]) -> tuple[str, Field]:
-    table = layer_table.trace_layers(model, input_shape)
+def table_section(
+    model, variables, input_shape: Sequence[int], table: layer_table.LayerTable
+) -> str:
+    """The layer table with its checked totals, valid sizes and ASPP fields."""
     xla = layer_table.xla_forward_flops(model, variables, input_shape)
     parts = [table_text.format_rows(table), "", table_text.format_totals(table, xla)]
     for extra in (
@@ -64,7 +66,7 @@ def table_section(model, variables, input_shape: Sequence[int]) -> tuple[str, Fi
     ):
         if extra:
             parts += ["", extra]
-    return "\n".join(parts), table.output_field
+    return "\n".join(parts)
 
 
 def checkerboard_section(model, input_shape: Sequence[int], output_dir: str) -> str:
@@ -203,7 +205,7 @@ def inspect_model(
     stride = shift or total_stride(table)
     parts = [f"{config.model.name}: {origin}"]
     if "table" in sections:
-        parts.append(table_section(model, variables, input_shape)[0])
+        parts.append(table_section(model, variables, input_shape, table))
     if "checkerboard" in sections:
         parts.append(
             "checkerboard:\n" + checkerboard_section(model, input_shape, output_dir)
