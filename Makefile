@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 WORKDIR ?= runs/unet_isbi
 CONFIG ?= configs/unet.py
 
-.PHONY: train test test-long lint format benchmark clean-venv
+.PHONY: train test test-long lint format benchmark benchmark-accelerator clean-venv
 
 $(STAMP): requirements.lock pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -46,6 +46,22 @@ benchmark: $(STAMP)
 	$(BENCH) --name=b_width16_352x480 --batch_size=4 --input_size=352,480 \
 		--config.model.base_width=16 $(RGB)
 	$(BENCH) --name=configs_unet_py
+
+# The accelerator rows of README.md's table; run on a GPU or TPU machine with
+# PyTorch beside it for the twin (PYTHON: an environment with the project).
+ACCEL_BENCH := $(PYTHON) scripts/benchmark.py --workdir=runs/benchmark_gpu \
+	--rounds=2 --pipeline=false --matmul_size=8192 --readme=README.md
+benchmark-accelerator:
+	$(ACCEL_BENCH) --config=configs/unet.py --name=configs_unet_py
+	$(ACCEL_BENCH) --config=configs/unet.py $(RGB) --name=a_width64_256px \
+		--batch_size=2 --input_size=256,256 --config.model.base_width=64
+	$(ACCEL_BENCH) --config=configs/unet.py $(RGB) --name=b_width16_352x480 \
+		--batch_size=4 --input_size=352,480 --config.model.base_width=16
+	$(ACCEL_BENCH) --config=configs/unet.py $(RGB) --name=gpu_w64_256px_b8_f32 \
+		--batch_size=8 --input_size=256,256 --config.model.base_width=64
+	$(ACCEL_BENCH) --config=configs/unet.py $(RGB) --name=gpu_w64_256px_b8_bf16 \
+		--batch_size=8 --input_size=256,256 --config.model.base_width=64 \
+		--config.model.dtype=bfloat16
 
 clean-venv:
 	rm -rf $(VENV)

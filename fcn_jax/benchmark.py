@@ -27,11 +27,14 @@ def median_seconds(fn: Callable[[], object], *, repeats: int, warmup: int) -> fl
     return statistics.median(times)
 
 
-def matmul_peak_flops(size: int = 4096, repeats: int = 5) -> float:
-    """float32 FLOP/s of a jitted size x size matmul (2 n^3 FLOPs), median time."""
+def matmul_peak_flops(
+    size: int = 4096, repeats: int = 5, dtype: str = "float32"
+) -> float:
+    """FLOP/s of a jitted size x size matmul (2 n^3 FLOPs) in `dtype`, median
+    time; the model's compute dtype, so that bf16 steps meet a bf16 peak."""
     keys = jax.random.split(jax.random.key(0))
-    a = jax.random.normal(keys[0], (size, size), jnp.float32)
-    b = jax.random.normal(keys[1], (size, size), jnp.float32)
+    a = jax.random.normal(keys[0], (size, size), dtype)
+    b = jax.random.normal(keys[1], (size, size), dtype)
     matmul = jax.jit(jnp.matmul)
     seconds = median_seconds(
         lambda: matmul(a, b).block_until_ready(), repeats=repeats, warmup=2
@@ -39,9 +42,11 @@ def matmul_peak_flops(size: int = 4096, repeats: int = 5) -> float:
     return 2 * size**3 / seconds
 
 
-def compiled_flops(compiled) -> float:
-    """FLOPs of one call from XLA's cost analysis of a compiled executable."""
-    analysis = compiled.cost_analysis()
+def lowered_flops(lowered) -> float:
+    """FLOPs of one call from XLA's cost analysis of the lowered (not yet
+    compiled) computation: the same count on every backend, whereas compiled
+    GPU executables leave the FLOPs of cuDNN convolutions out."""
+    analysis = lowered.cost_analysis()
     if isinstance(analysis, (list, tuple)):
         analysis = analysis[0]
     return float(analysis.get("flops", float("nan")))
@@ -50,6 +55,13 @@ def compiled_flops(compiled) -> float:
 def peak_memory_gb() -> float:
     """Peak resident memory of this process so far (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def device_peak_memory_gb() -> float:
+    """Peak memory in use on the first accelerator so far; NaN where the
+    backend keeps no statistics (the CPU)."""
+    stats = jax.devices()[0].memory_stats() or {}
+    return stats.get("peak_bytes_in_use", float("nan")) / 2**30
 
 
 def _synthetic_batch(config, mesh, batch_size: int, spatial: tuple[int, ...]):
@@ -78,9 +90,10 @@ def benchmark_train_and_inference(
     train_step = steps.jit_train_step(config, mesh)
 
     start = time.perf_counter()
-    compiled_train = train_step.lower(experiment.state, batch).compile()
+    lowered_train = train_step.lower(experiment.state, batch)
+    compiled_train = lowered_train.compile()
     train_compile = time.perf_counter() - start
-    train_flops = compiled_flops(compiled_train)
+    train_flops = lowered_flops(lowered_train)
     train_temp_bytes = compiled_train.memory_analysis().temp_size_in_bytes
 
     state = experiment.state
@@ -92,15 +105,17 @@ def benchmark_train_and_inference(
 
     train_seconds = median_seconds(one_train_step, repeats=repeats, warmup=2)
     train_memory = peak_memory_gb()
+    train_device_memory = device_peak_memory_gb()
 
     def forward(state, images):
         variables = {"params": state.params, "batch_stats": state.batch_stats}
         return state.apply_fn(variables, images, train=False)
 
     start = time.perf_counter()
-    compiled_forward = jax.jit(forward).lower(state, batch["image"]).compile()
+    lowered_forward = jax.jit(forward).lower(state, batch["image"])
+    compiled_forward = lowered_forward.compile()
     forward_compile = time.perf_counter() - start
-    forward_flops = compiled_flops(compiled_forward)
+    forward_flops = lowered_flops(lowered_forward)
     forward_seconds = median_seconds(
         lambda: compiled_forward(state, batch["image"]).block_until_ready(),
         repeats=repeats,
@@ -115,6 +130,7 @@ def benchmark_train_and_inference(
         "train_gflop_per_step": train_flops / 1e9,
         "train_gflop_per_s": train_flops / train_seconds / 1e9,
         "train_peak_memory_gb": train_memory,
+        "train_device_peak_memory_gb": train_device_memory,
         # XLA's scratch for one step: activations kept for the backward pass.
         "train_xla_temp_memory_gb": train_temp_bytes / 2**30,
         "inference_compile_s": forward_compile,
@@ -152,7 +168,7 @@ def markdown_table(results: list[dict]) -> str:
     for r in results:
         torch_step, speedup = "-", "-"
         if "torch_train_step_s" in r:
-            torch_step = f"{r['torch_train_step_s']:.2f}"
+            torch_step = f"{r['torch_train_step_s']:.3g}"
             speedup = f"{r['train_speedup_vs_torch']:.2f}x"
         size = "x".join(str(n) for n in r["input_size"])
         cells = [
@@ -172,13 +188,30 @@ def markdown_table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def update_readme(readme_path: str, table: str) -> None:
-    """Replaces the text between the README's benchmark markers with `table`."""
+def update_readme(readme_path: str, results: list[dict]) -> None:
+    """Rewrites the README's benchmark table: one row per result, keeping the
+    rows of other (case, device) pairs, so that CPU and accelerator rows
+    measured on different machines live side by side."""
     with open(readme_path) as f:
         text = f.read()
     if README_BEGIN not in text or README_END not in text:
         raise ValueError(f"{readme_path} has no '{README_BEGIN}' ... '{README_END}'.")
     head, rest = text.split(README_BEGIN, 1)
-    _, tail = rest.split(README_END, 1)
+    old_table, tail = rest.split(README_END, 1)
+    new_lines = markdown_table(results).split("\n")
+    new_keys = {_row_key(line) for line in new_lines[2:]}
+    kept = [
+        line
+        for line in old_table.strip().split("\n")[2:]
+        if line.startswith("|") and _row_key(line) not in new_keys
+    ]
+    rows = sorted(kept + new_lines[2:], key=_row_key)
+    table = "\n".join(new_lines[:2] + rows)
     with open(readme_path, "w") as f:
         f.write(f"{head}{README_BEGIN}\n{table}\n{README_END}{tail}")
+
+
+def _row_key(line: str) -> tuple[str, str]:
+    """(device, case) of a table row."""
+    cells = [cell.strip() for cell in line.strip("|").split("|")]
+    return cells[3], cells[0]

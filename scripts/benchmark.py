@@ -66,7 +66,7 @@ def main(argv: list[str]) -> None:
     batch_size = _BATCH.value or config.data.batch_size
     spatial = tuple(int(n) for n in _SIZE.value or [config.data.crop_size] * 2)
     twin = _pytorch_twin()
-    peak = benchmark.matmul_peak_flops(_MATMUL.value)
+    peak = benchmark.matmul_peak_flops(_MATMUL.value, dtype=config.model.dtype)
     rounds = []
     for _ in range(_ROUNDS.value):
         jax_result = benchmark.benchmark_train_and_inference(
@@ -83,6 +83,7 @@ def main(argv: list[str]) -> None:
                 depth=config.model.depth,
                 base_width=config.model.base_width,
                 repeats=_REPEATS.value,
+                dtype=config.model.dtype,
             )
         rounds.append((jax_result, torch_result))
     result = _combine(rounds)
@@ -115,7 +116,7 @@ def main(argv: list[str]) -> None:
         for result_path in paths:
             with open(result_path) as f:
                 results.append(json.load(f))
-        benchmark.update_readme(_README.value, benchmark.markdown_table(results))
+        benchmark.update_readme(_README.value, results)
         print(f"updated the benchmark table in {_README.value}")
 
 

@@ -65,23 +65,39 @@ def benchmark(
     depth: int,
     base_width: int,
     repeats: int = 10,
+    dtype: str = "float32",
 ) -> dict[str, float]:
-    """Median seconds of an SGD train step and of a forward pass, float32."""
+    """Median seconds of an SGD train step and of a forward pass.
+
+    Runs on the GPU when PyTorch sees one, else on the CPU. `dtype='bfloat16'`
+    computes under autocast with float32 parameters, like `model.dtype`.
+    """
     torch.manual_seed(0)
-    model = TwinUNet(in_channels, num_classes, depth, base_width)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = TwinUNet(in_channels, num_classes, depth, base_width).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-    images = torch.randn(batch_size, in_channels, height, width)
-    labels = torch.randint(0, num_classes, (batch_size, height, width))
+    images = torch.randn(batch_size, in_channels, height, width, device=device)
+    labels = torch.randint(0, num_classes, (batch_size, height, width), device=device)
+    autocast = torch.autocast(
+        device.type, dtype=torch.bfloat16, enabled=dtype == "bfloat16"
+    )
+
+    def synchronize():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
 
     def train_step():
         optimizer.zero_grad(set_to_none=True)
-        loss = nn.functional.cross_entropy(model(images), labels)
+        with autocast:
+            loss = nn.functional.cross_entropy(model(images).float(), labels)
         loss.backward()
         optimizer.step()
+        synchronize()
 
     def forward():
-        with torch.no_grad():
+        with torch.no_grad(), autocast:
             model(images)
+        synchronize()
 
     model.train()
     train_s = median_seconds(train_step, repeats=repeats, warmup=2)
@@ -89,6 +105,7 @@ def benchmark(
     forward_s = median_seconds(forward, repeats=repeats, warmup=2)
     return {
         "torch_version": torch.__version__,
+        "torch_device": str(device),
         "torch_threads": torch.get_num_threads(),
         "num_params": sum(p.numel() for p in model.parameters()),
         "train_step_s": train_s,

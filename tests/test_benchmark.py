@@ -1,0 +1,35 @@
+"""The README performance table: rows from different machines live side by side."""
+
+from fcn_jax import benchmark
+
+
+def _result(name: str, device: str, steps_per_s: float) -> dict:
+    return {
+        "name": name,
+        "batch_size": 2,
+        "input_size": [256, 256],
+        "device": device,
+        "train_steps_per_s": steps_per_s,
+        "train_images_per_s": 2 * steps_per_s,
+        "train_fraction_of_peak": 0.5,
+        "train_compile_s": 4.0,
+        "inference_images_per_s": 10.0,
+    }
+
+
+def test_update_readme_replaces_same_case_and_device_and_keeps_others(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text(
+        f"intro\n{benchmark.README_BEGIN}\nstale\n{benchmark.README_END}\noutro\n"
+    )
+    benchmark.update_readme(str(readme), [_result("a", "1x cpu", 0.25)])
+    benchmark.update_readme(str(readme), [_result("a", "1x NVIDIA H200", 150.0)])
+    benchmark.update_readme(str(readme), [_result("a", "1x cpu", 0.5)])
+
+    text = readme.read_text()
+    assert text.startswith("intro\n") and text.endswith("\noutro\n")
+    rows = [line for line in text.splitlines() if line.startswith("| a |")]
+    assert len(rows) == 2
+    assert any("1x NVIDIA H200" in row and "150.000" in row for row in rows)
+    assert any("1x cpu" in row and "0.500" in row for row in rows)
+    assert "0.250" not in text and "stale" not in text
