@@ -144,7 +144,7 @@ def input_pipeline_batches_per_s(
     config: ml_collections.ConfigDict, num_batches: int = 20
 ) -> float:
     """Batches/s of the configured training loader alone (after its first batch)."""
-    mesh = sharding.create_mesh()
+    mesh = sharding.create_mesh(config.mesh.spatial)
     iterator = create_train_iterator(config, mesh)
     next(iterator)
     start = time.perf_counter()

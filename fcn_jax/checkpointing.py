@@ -16,6 +16,7 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 from absl import logging
+from jax.experimental import multihost_utils
 from orbax.checkpoint.checkpoint_managers import preservation_policy
 
 from fcn_jax.train_state import TrainState
@@ -146,6 +147,10 @@ def restore_newest_usable(
 
 def _quarantine(manager: ocp.CheckpointManager, steps: list[int]) -> None:
     """Moves damaged steps out of the checkpoint directory, keeping their files."""
+    if jax.process_index() != 0:
+        multihost_utils.sync_global_devices("fcn_jax_quarantine")
+        manager.reload()
+        return
     target = os.path.join(damaged_dir(os.path.dirname(manager.directory)))
     os.makedirs(target, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -154,4 +159,6 @@ def _quarantine(manager: ocp.CheckpointManager, steps: list[int]) -> None:
         destination = os.path.join(target, f"{step}_{stamp}")
         shutil.move(source, destination)
         logging.warning("Moved damaged checkpoint %s to %s", source, destination)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("fcn_jax_quarantine")
     manager.reload()

@@ -38,6 +38,7 @@ POSITIVE_INTS = (
     "train.log_every_steps",
     "eval.every_steps",
     "ckpt.max_to_keep",
+    "mesh.spatial",
 )
 
 
@@ -175,6 +176,11 @@ def default_config(model_name: str = "unet") -> ml_collections.ConfigDict:
     config.eval.flip = False
     config.eval.scales = (1.0,)
 
+    # Devices: `spatial` of them split each image's first spatial axis (for
+    # inputs too large for one device); the rest split the batch.
+    config.mesh = ml_collections.ConfigDict()
+    config.mesh.spatial = 1
+
     config.ckpt = ml_collections.ConfigDict()
     config.ckpt.max_to_keep = 2
     config.ckpt.async_save = True
@@ -228,6 +234,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             f"{num_classes}), e.g. 255."
         )
     keyed_source.parse_label_mapping(config.data.label_mapping)
+    if config.data.crop_size % config.mesh.spatial:
+        raise ValueError(
+            f"config.data.crop_size={config.data.crop_size} must be divisible by "
+            f"config.mesh.spatial={config.mesh.spatial}."
+        )
     if not 0.0 <= config.eval.overlap < 1.0:
         raise ValueError(
             f"config.eval.overlap={config.eval.overlap} must be in [0, 1)."

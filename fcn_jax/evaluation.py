@@ -50,15 +50,7 @@ def evaluate_batches(
 
 
 def _save_panels(panel_dir, local_batch, predictions, wanted, palette, config) -> int:
-    # Only this process's rows are addressable; they are the first rows it loaded.
-    local_predictions = np.concatenate(
-        [
-            np.asarray(shard.data)
-            for shard in sorted(
-                predictions.addressable_shards, key=lambda s: s.index[0].start or 0
-            )
-        ]
-    )
+    local_predictions = sharding.local_rows(predictions)
     count = 0
     for row in range(len(local_predictions)):
         if count == wanted:

@@ -36,11 +36,11 @@ def create_experiment(
 ) -> Experiment:
     """Validates the config and builds mesh, model and (abstract) train state."""
     config_lib.validate_config(config)
-    mesh = sharding.create_mesh()
+    mesh = sharding.create_mesh(config.mesh.spatial)
     model = models.create_model(config.model)
     model.check_input_shape((config.data.crop_size,) * 2)
     optimizer = optim.create_optimizer(config)
-    shape = input_shape(config, mesh.devices.size)
+    shape = input_shape(config, sharding.data_axis_size(mesh))
     if abstract:
         state = abstract_train_state(model, optimizer, shape, mesh)
     else:

@@ -56,6 +56,7 @@ ENVIRONMENT_KEYS = (
     "data.data_dir",
     "data.manual_dir",
     "data.worker_count",
+    "mesh.spatial",
     "train.compilation_cache",
     "train.cache_min_compile_seconds",
 )

@@ -10,6 +10,7 @@ import jax
 import ml_collections
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 
 from fcn_jax import (
     checkpointing,
@@ -67,7 +68,7 @@ def train_and_evaluate(
     """
     # Bad configs and data fail here, before anything is written to the workdir.
     config_lib.validate_config(config)
-    check_data(config, sharding.create_mesh())
+    check_data(config, sharding.create_mesh(config.mesh.spatial))
     experiment = create_experiment(config)
     run_record.record_run(workdir, config, allow_config_change=allow_config_change)
     if config.train.compilation_cache:
@@ -125,7 +126,7 @@ def _train_loop(experiment, data_iterator, manager, writer, stop) -> dict:
                     f"step {step}: eval mean_iou={summary['mean_iou']:.4f} "
                     f"pixel_accuracy={summary['pixel_accuracy']:.4f}"
                 )
-            preempted = bool(stop) or manager.reached_preemption(step)
+            preempted = _any_process(bool(stop)) or manager.reached_preemption(step)
             every = config.ckpt.every_steps
             if not saved and (every and step % every == 0 or preempted):
                 guard()
@@ -138,6 +139,14 @@ def _train_loop(experiment, data_iterator, manager, writer, stop) -> dict:
                     os.path.dirname(manager.directory),
                 )
     return summary
+
+
+def _any_process(flag: bool) -> bool:
+    """True if `flag` is set on any process (a signal may reach only one host;
+    all must stop at the same step to save the same checkpoint)."""
+    if jax.process_count() == 1:
+        return flag
+    return bool(multihost_utils.process_allgather(np.asarray(flag)).any())
 
 
 def _check_finite(window, manager, config) -> None:

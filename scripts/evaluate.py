@@ -11,10 +11,11 @@ from fcn_jax import cpu_flags
 
 cpu_flags.configure()
 
+import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from fcn_jax import evaluate
+from fcn_jax import distributed, evaluate
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config",
@@ -35,6 +36,7 @@ def main(argv: list[str]) -> None:
     if _BEST.value and _STEP.value is not None:
         raise app.UsageError("Give at most one of --step and --best.")
     logging.set_verbosity(logging.WARNING)
+    distributed.initialize_from_flags()
     step, _, table = evaluate.evaluate_checkpoint(
         _CONFIG.value,
         _WORKDIR.value,
@@ -42,8 +44,9 @@ def main(argv: list[str]) -> None:
         best=_BEST.value,
         split=_SPLIT.value,
     )
-    print(f"step {step}, workdir {_WORKDIR.value}")
-    print(table)
+    if jax.process_index() == 0:
+        print(f"step {step}, workdir {_WORKDIR.value}")
+        print(table)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,10 @@ r"""Trains a model from a config; rerunning on the same workdir resumes.
 
 SIGTERM or Ctrl-C stops after the current step, saves a checkpoint and exits
 with 128 + the signal number; rerunning the command resumes exactly.
+
+Multi-process: run the same command on every host. TPU VM pod slices, SLURM
+and Open MPI jobs start jax.distributed by themselves; elsewhere add
+`--coordinator_address=HOST:PORT --num_processes=N --process_id=I`.
 """
 
 import sys
@@ -16,7 +20,7 @@ cpu_flags.configure()
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from fcn_jax import preemption, train
+from fcn_jax import distributed, preemption, train
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config",
@@ -37,6 +41,7 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)
+    distributed.initialize_from_flags()
     try:
         train.train_and_evaluate(
             _CONFIG.value,

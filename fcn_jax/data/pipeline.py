@@ -106,10 +106,14 @@ def create_train_loader(
 
     Yields `{'image': float32 [B, H, W, C], 'label': int32 [B, H, W]}` with
     `B = batch_size` PER PROCESS (the global batch is `batch_size *
-    process_count`) and `H, W = crop_size`. Each process reads a disjoint
-    shard (the remainder of the split is dropped so shards are equal). Its
-    iterator has `get_state()` / `set_state()` for checkpointing. `augment`
-    overrides `DEFAULT_AUGMENT`; `seed` must fit in 32 bits.
+    process_count`) and `H, W = crop_size`. One shuffled sequence of the whole
+    split, with each position's augmentation seeded by the position, is dealt
+    out: process p of P reads positions p, p + P, p + 2P, ... So global batch k
+    holds positions [kBP, (k+1)BP) whatever P is: with `worker_count=0` a run
+    on P processes sees the same examples, identically augmented, as a run on
+    one (in another row order, which a mean loss does not see). Its iterator
+    has `get_state()` / `set_state()` for checkpointing. `augment` overrides
+    `DEFAULT_AUGMENT`; `seed` must fit in 32 bits.
     """
     index, count = _process(process_index, process_count)
     shard = grain.sharding.ShardOptions(
@@ -117,7 +121,6 @@ def create_train_loader(
     )
     sampler = grain.samplers.IndexSampler(
         num_records=len(source),
-        shard_options=shard,
         shuffle=True,
         num_epochs=None,
         seed=seed,
