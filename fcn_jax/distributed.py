@@ -13,10 +13,12 @@ from absl import flags
 
 _DISTRIBUTED = flags.DEFINE_enum(
     "distributed",
-    "auto",
+    os.environ.get("FCN_JAX_DISTRIBUTED", "auto"),
     ["auto", "on", "off"],
     "Start jax.distributed: 'auto' does when a coordinator is given or a "
-    "multi-process cluster (SLURM, Open MPI, a multi-worker TPU VM) is detected.",
+    "multi-process cluster (SLURM, Open MPI, a multi-worker TPU VM) is detected; "
+    "'on' always (JAX then finds the cluster itself). Default: "
+    "$FCN_JAX_DISTRIBUTED, which scripts/tpu_vm.sh sets to 'on'.",
 )
 _COORDINATOR = flags.DEFINE_string(
     "coordinator_address",

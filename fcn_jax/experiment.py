@@ -69,11 +69,17 @@ def data_source(config: ml_collections.ConfigDict, split: str):
 
 
 def eval_batches(config: ml_collections.ConfigDict, mesh, split: str):
-    """Whole-image batches of `split`, every example once across processes."""
+    """Whole-image batches of `split`, every example once across processes.
+
+    `data.eval_batch_size` is rounded up to a multiple of the mesh's data rows
+    (the padding examples are masked out), so any device count can evaluate.
+    """
     source = data_source(config, split)
+    rows = sharding.data_axis_size(mesh)
+    global_batch_size = -(-config.data.eval_batch_size // rows) * rows
     return pipeline.eval_batches(
         source,
-        batch_size=sharding.per_process_batch_size(config.data.eval_batch_size, mesh),
+        batch_size=sharding.per_process_batch_size(global_batch_size, mesh),
         num_classes=config.model.num_classes,
         ignore_label=config.data.ignore_label,
         mean=config.data.mean,

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Runs a command in the background on every worker of a Cloud TPU VM.
+# Runs a command in the background on every worker of a Cloud TPU VM, or of a
+# TPU VM pod slice, where the workers form one jax.distributed job.
 #
 # On each worker: puts this repository in --repo_dir (a copy of the local
 # working tree, or a clone of --repo_url), creates .venv there with
@@ -110,6 +111,9 @@ if [[ "$SYNC" == 1 ]]; then
 fi
 cd "$repo_dir"
 mkdir -p "$(dirname "$LOG")"
+# Every worker runs the same command; jax.distributed joins them into one job
+# (on a single-host VM, a job of one process).
+export FCN_JAX_DISTRIBUTED=on
 nohup flock /tmp/fcn-jax-tpu.lock \
   bash -c ". .venv/bin/activate && eval \"\$0\"" "$RUN" \
   >"$LOG" 2>&1 </dev/null &
