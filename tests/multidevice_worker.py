@@ -9,32 +9,23 @@ parameters; with several devices it also compares the forward pass of a whole
 512x512 slice sharded over (data 1, spatial all devices) with the unsharded one.
 """
 
-import os
-import pathlib
 import sys
 
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
-from fcn_jax import cpu_flags
-
-cpu_flags.configure()
-
-import importlib.util
-
+# Before jax: conftest sets the CPU platform and the XLA flags.
+import conftest
 import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from fcn_jax import sharding, steps
+from fcn_jax.data import transforms
 from fcn_jax.experiment import create_experiment, create_train_iterator, data_source
-
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def runlocal_config(data_dir: str, spatial: int):
-    spec = importlib.util.spec_from_file_location("unet", REPO_ROOT / "configs/unet.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config("runlocal")
+    config = conftest.load_config_module(
+        conftest.REPO_ROOT / "configs" / "unet.py"
+    ).get_config("runlocal")
     with config.unlocked():
         config.data.data_dir = data_dir
         config.data.batch_size = 8
@@ -57,9 +48,9 @@ def train(config, num_steps: int) -> tuple[np.ndarray, list[np.ndarray]]:
 def spatially_sharded_forward_difference(config) -> tuple[float, float]:
     """Max |sharded - unsharded| logits on a real slice, and the logits' scale."""
     experiment = create_experiment(config)
-    example = data_source(config, "validation")[0]
-    image = (example["image"].astype(np.float32) / 255 - 0.49) / 0.17
-    images = image[None]  # [1, 512, 512, 1]
+    normalize = transforms.Normalize(tuple(config.data.mean), tuple(config.data.std))
+    example = normalize.map(data_source(config, "validation")[0])
+    images = example["image"][None]  # [1, 512, 512, 1]
     variables = {
         "params": experiment.state.params,
         "batch_stats": experiment.state.batch_stats,
