@@ -1,8 +1,11 @@
 """Speed measurements of a config: compile time, step time, FLOP/s against this
 machine's matmul peak measured in the same run, memory, input pipeline rate."""
 
+import os
 import resource
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 
@@ -40,6 +43,36 @@ def matmul_peak_flops(
         lambda: matmul(a, b).block_until_ready(), repeats=repeats, warmup=2
     )
     return 2 * size**3 / seconds
+
+
+_MATMUL_PROGRAM = """
+import sys
+from fcn_jax.benchmark import matmul_peak_flops
+print(matmul_peak_flops(int(sys.argv[1]), dtype=sys.argv[2]))
+"""
+
+
+def default_flags_matmul_peak_flops(size: int = 4096, dtype: str = "float32") -> float:
+    """`matmul_peak_flops` in a fresh process with XLA's default CPU flags.
+
+    This process turns XLA:CPU's YNNPACK fusions off (faster convolutions,
+    see fcn_jax/cpu_flags.py), which also moves matmuls from YNNPACK to a
+    slower Eigen kernel; the machine's peak is the faster of the two, so the
+    benchmark measures both. NaN if the subprocess fails.
+    """
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    flags = [f for f in env.get("XLA_FLAGS", "").split() if "ynn_fusion_type" not in f]
+    env["XLA_FLAGS"] = " ".join(flags)
+    result = subprocess.run(
+        [sys.executable, "-c", _MATMUL_PROGRAM, str(size), dtype],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+    )
+    if result.returncode != 0:
+        return float("nan")
+    return float(result.stdout.strip().splitlines()[-1])
 
 
 def lowered_flops(lowered) -> float:

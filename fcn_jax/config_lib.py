@@ -19,6 +19,7 @@ CHOICES: Mapping[str, tuple[str, ...]] = {
     "model.norm": ("batch", "group", "none"),
     "model.downsample": ("max_pool", "avg_pool", "strided_conv"),
     "model.max_pool_gradient": ("auto", "argmax", "xla"),
+    "model.batch_norm_relu": ("auto", "fused", "xla"),
     "model.upsample": ("transposed_conv", "resize_conv"),
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.param_dtype": ("float32", "bfloat16"),
@@ -82,9 +83,10 @@ def model_defaults(name: str) -> ml_collections.ConfigDict:
         if isinstance(value, type):  # A dtype such as jnp.float32.
             value = np.dtype(value).name
         group[field.name] = value
-    if "max_pool_gradient" in group:
-        # 'argmax' (saved indices) on CPU, XLA's own gradient on accelerators.
-        group.max_pool_gradient = "auto"
+    # CPU-fast gradients on the CPU, XLA's own on accelerators (create_model).
+    for key in ("max_pool_gradient", "batch_norm_relu"):
+        if key in group:
+            group[key] = "auto"
     return group
 
 

@@ -57,6 +57,10 @@ ENVIRONMENT_KEYS = (
     "data.manual_dir",
     "data.worker_count",
     "mesh.spatial",
+    # How gradients are computed, not what: checkpoints fit either way.
+    "model.batch_norm_relu",
+    "model.max_pool_gradient",
+    "model.remat",
     "train.compilation_cache",
     "train.cache_min_compile_seconds",
 )
@@ -81,7 +85,11 @@ def record_run(
     saved = load_config_json(workdir)
     changed = []
     if saved is not None:
-        model = _differences(saved.get("model", {}), current["model"], "model.")
+        model = [
+            line
+            for line in _differences(saved.get("model", {}), current["model"], "model.")
+            if not line.startswith(tuple(f"{key}:" for key in ENVIRONMENT_KEYS))
+        ]
         if model:
             raise ValueError(
                 f"{workdir} holds a run of a different model ({'; '.join(model)}). "

@@ -232,3 +232,22 @@ def test_skip_nonfinite_updates_keeps_the_state(data_dir):
         jax.tree.leaves((after.params, after.opt_state, after.batch_stats)),
     ):
         assert np.array_equal(old, new)
+
+
+def test_gradient_implementation_may_change_on_resume_but_the_model_may_not(tmp_path):
+    """model.batch_norm_relu / max_pool_gradient / remat change how gradients
+    are computed, not the parameters: a run may resume with others (e.g. on an
+    accelerator after the CPU); a wider model is refused."""
+    from fcn_jax import config_lib, run_record
+
+    workdir = str(tmp_path)
+    config = config_lib.default_config("unet")
+    config.model.batch_norm_relu = "fused"
+    run_record.record_run(workdir, config)
+    config.model.batch_norm_relu = "xla"
+    config.model.max_pool_gradient = "xla"
+    config.model.remat = True
+    run_record.record_run(workdir, config)
+    config.model.base_width = 8
+    with pytest.raises(ValueError, match="different model.*base_width"):
+        run_record.record_run(workdir, config)

@@ -56,12 +56,15 @@ def fixed_batch():
 
 @pytest.mark.long
 @pytest.mark.parametrize(
-    "option", [{"max_pool_gradient": "argmax"}, {"remat": True}], ids=str
+    "option",
+    [{"max_pool_gradient": "argmax"}, {"batch_norm_relu": "fused"}, {"remat": True}],
+    ids=str,
 )
 def test_cpu_and_memory_options_leave_loss_and_gradients_unchanged(option, fixed_batch):
     images, labels = fixed_batch
-    plain = UNet(2, depth=2, base_width=4, max_pool_gradient="xla")
-    variant = UNet(2, depth=2, base_width=4, **{"max_pool_gradient": "xla", **option})
+    xla = {"max_pool_gradient": "xla", "batch_norm_relu": "xla"}
+    plain = UNet(2, depth=2, base_width=4, **xla)
+    variant = UNet(2, depth=2, base_width=4, **{**xla, **option})
     variables = plain.init(jax.random.key(0), images, train=False)
     (loss, _), grads = _loss_and_grads(plain, variables, images, labels)
     (variant_loss, _), variant_grads = _loss_and_grads(

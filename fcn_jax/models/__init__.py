@@ -53,10 +53,15 @@ def create_model(model_config: Any) -> nn.Module:
     for key in ("dtype", "param_dtype"):
         if key in fields:
             fields[key] = _dtype(key, fields[key])
-    if fields.get("max_pool_gradient") == "auto":
-        # XLA's select-and-scatter is slow only on CPU; accelerators keep it.
-        cpu = jax.default_backend() == "cpu"
-        fields["max_pool_gradient"] = "argmax" if cpu else "xla"
+    # XLA's select-and-scatter and BatchNorm gradients are slow only on CPU;
+    # accelerators keep them.
+    cpu = jax.default_backend() == "cpu"
+    for key, cpu_choice in (
+        ("max_pool_gradient", "argmax"),
+        ("batch_norm_relu", "fused"),
+    ):
+        if fields.get(key) == "auto":
+            fields[key] = cpu_choice if cpu else "xla"
     accepted = set(model_cls.__dataclass_fields__) - {"parent", "name"}
     unknown = sorted(set(fields) - accepted)
     if unknown:

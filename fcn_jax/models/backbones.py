@@ -76,6 +76,7 @@ class VGGEncoder(nn.Module):
     norm: str = "batch"
     num_groups: int = 8
     max_pool_gradient: str = "xla"
+    batch_norm_relu: str = "xla"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -88,6 +89,7 @@ class VGGEncoder(nn.Module):
                 norm=self.norm,
                 num_convs=num_convs,
                 num_groups=self.num_groups,
+                batch_norm_relu=self.batch_norm_relu,
                 dtype=self.dtype,
                 param_dtype=self.param_dtype,
                 name=f"conv{i}",
@@ -225,8 +227,13 @@ def create_backbone(
     max_pool_gradient: str,
     dtype: Dtype,
     param_dtype: Dtype,
+    batch_norm_relu: str = "xla",
 ) -> nn.Module:
-    """A stride-32 VGGEncoder or ResNetEncoder named 'backbone'."""
+    """A stride-32 VGGEncoder or ResNetEncoder named 'backbone'.
+
+    `batch_norm_relu` applies to VGG's conv blocks; ResNet's blocks add the
+    shortcut between norm and ReLU, so they keep XLA's gradients.
+    """
     if backbone not in BACKBONES:
         raise ValueError(f"backbone={backbone!r} is not one of {', '.join(BACKBONES)}.")
     shared = {
@@ -242,6 +249,7 @@ def create_backbone(
             max_width=max_width,
             num_convs=tuple(vgg_num_convs),
             max_pool_gradient=max_pool_gradient,
+            batch_norm_relu=batch_norm_relu,
             **shared,
         )
     return ResNetEncoder(stage_sizes=tuple(resnet_stage_sizes), **shared)

@@ -29,6 +29,8 @@ class Classifier(nn.Module):
     norm: str = "batch"
     num_groups: int = 8
     max_pool_gradient: str = "xla"
+    # 'fused': VGG's BatchNorm + ReLU as one op with a hand-written gradient.
+    batch_norm_relu: str = "xla"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -44,6 +46,7 @@ class Classifier(nn.Module):
             norm=self.norm,
             num_groups=self.num_groups,
             max_pool_gradient=self.max_pool_gradient,
+            batch_norm_relu=self.batch_norm_relu,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
         )(x, train=train)

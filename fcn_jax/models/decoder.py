@@ -44,6 +44,7 @@ class Decoder(nn.Module):
     norm: str = "batch"
     num_convs: int = 2
     num_groups: int = 8
+    batch_norm_relu: str = "xla"
     upsample: str = "transposed_conv"
     up_kernel_size: int = 2
     up_stride: int = 2
@@ -78,6 +79,7 @@ class Decoder(nn.Module):
                 norm=self.norm,
                 num_convs=self.num_convs,
                 num_groups=self.num_groups,
+                batch_norm_relu=self.batch_norm_relu,
                 dtype=self.dtype,
                 param_dtype=self.param_dtype,
                 name=f"dec_block_{level}",

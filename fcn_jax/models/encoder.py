@@ -23,6 +23,7 @@ class Encoder(nn.Module):
     norm: str = "batch"
     num_convs: int = 2
     num_groups: int = 8
+    batch_norm_relu: str = "xla"
     downsample: str = "max_pool"
     max_pool_gradient: str = "xla"
     dtype: Dtype = jnp.float32
@@ -52,6 +53,7 @@ class Encoder(nn.Module):
                 norm=self.norm,
                 num_convs=self.num_convs,
                 num_groups=self.num_groups,
+                batch_norm_relu=self.batch_norm_relu,
                 dtype=self.dtype,
                 param_dtype=self.param_dtype,
                 name=name,

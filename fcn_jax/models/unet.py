@@ -38,6 +38,8 @@ class UNet(nn.Module):
     num_groups: int = 8
     downsample: str = "max_pool"
     max_pool_gradient: str = "xla"
+    # 'fused': BatchNorm + ReLU as one op with a hand-written gradient (CPU).
+    batch_norm_relu: str = "xla"
     upsample: str = "transposed_conv"
     up_kernel_size: int = 2
     up_stride: int = 2
@@ -62,6 +64,7 @@ class UNet(nn.Module):
             "norm": self.norm,
             "num_convs": self.num_convs,
             "num_groups": self.num_groups,
+            "batch_norm_relu": self.batch_norm_relu,
             "dtype": self.dtype,
             "param_dtype": self.param_dtype,
             "remat": self.remat,
