@@ -39,6 +39,7 @@ test-long: $(STAMP)
 BENCH := $(BIN)/python scripts/benchmark.py --config=configs/unet.py \
 	--workdir=runs/benchmark --rounds=2 --readme=README.md
 RGB := --config.data.mean=0.5,0.5,0.5 --config.data.std=0.25,0.25,0.25 \
+	--config.data.convert_grayscale=True \
 	--config.optim.name=sgd
 benchmark: $(STAMP)
 	$(BENCH) --name=a_width64_256px --batch_size=2 --input_size=256,256 \

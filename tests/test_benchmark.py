@@ -1,4 +1,5 @@
-"""The README performance table: rows from different machines live side by side."""
+"""The README performance table (rows from different machines live side by side)
+and the matmul peak measured with XLA's default flags."""
 
 from fcn_jax import benchmark
 
@@ -33,3 +34,13 @@ def test_update_readme_replaces_same_case_and_device_and_keeps_others(tmp_path):
     assert any("1x NVIDIA H200" in row and "150.000" in row for row in rows)
     assert any("1x cpu" in row and "0.500" in row for row in rows)
     assert "0.250" not in text and "stale" not in text
+
+
+def test_default_flags_matmul_peak_runs_in_a_subprocess_with_xla_defaults(
+    monkeypatch,
+):
+    # Our own flags (YNNPACK fusions off) must not reach the subprocess; a
+    # malformed flag would make it fail, and the result NaN.
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=bogus")
+    flops = benchmark.default_flags_matmul_peak_flops(size=256)
+    assert flops > 1e8

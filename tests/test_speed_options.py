@@ -127,4 +127,5 @@ def test_benchmark_script_runs_on_a_tiny_config(tmp_path, data_dir):
         report = json.load(f)
     assert report["train_gflop_per_step"] > 0
     assert 0 < report["train_fraction_of_peak"]
+    assert report["matmul_peak_gflop_per_s"] >= report["matmul_in_process_gflop_per_s"]
     assert report["pipeline_batches_per_s"] > 0
