@@ -22,8 +22,10 @@ import numpy as np
 
 from fcn_jax.analysis.receptive_field import Field
 from fcn_jax.models import layers
+from fcn_jax.models.batch_norm_relu import BatchNormReLU
 
-NORMS = (nn.BatchNorm, nn.GroupNorm, nn.LayerNorm)
+# BatchNormReLU counts as its norm: ReLUs are not layers of the table either way.
+NORMS = (nn.BatchNorm, BatchNormReLU, nn.GroupNorm, nn.LayerNorm)
 # Element-wise work XLA counts for a norm in inference: subtract, scale, shift.
 NORM_FLOPS_PER_ELEMENT = 4
 
