@@ -64,6 +64,7 @@ ENVIRONMENT_KEYS = (
     "train.compilation_cache",
     "train.cache_min_compile_seconds",
 )
+_ENVIRONMENT_PREFIXES = tuple(f"{key}:" for key in ENVIRONMENT_KEYS)
 CHANGES_FILE = "config_changes.txt"
 
 
@@ -88,7 +89,7 @@ def record_run(
         model = [
             line
             for line in _differences(saved.get("model", {}), current["model"], "model.")
-            if not line.startswith(tuple(f"{key}:" for key in ENVIRONMENT_KEYS))
+            if not line.startswith(_ENVIRONMENT_PREFIXES)
         ]
         if model:
             raise ValueError(
@@ -99,7 +100,7 @@ def record_run(
         changed = [
             line
             for line in _differences(saved, current)
-            if not line.startswith(tuple(f"{key}:" for key in ENVIRONMENT_KEYS))
+            if not line.startswith(_ENVIRONMENT_PREFIXES)
         ]
         if changed and not allow_config_change:
             raise ValueError(
