@@ -7,7 +7,11 @@ import numpy as np
 import pytest
 
 from fcn_jax.models import create_model
-from fcn_jax.models.batch_norm_relu import BatchNormReLU, batch_norm_relu
+from fcn_jax.models.batch_norm_relu import (
+    BatchNormReLU,
+    _per_channel_sum,
+    batch_norm_relu,
+)
 from fcn_jax.models.layers import ConvBlock
 
 
@@ -67,6 +71,20 @@ def test_training_outputs_statistics_and_gradients_match_flax(shape):
         np.testing.assert_allclose(
             g, e, atol=1e-5 * float(jnp.max(jnp.abs(e))), err_msg=name
         )
+
+
+@pytest.mark.parametrize(
+    "shape", [(4, 256, 256, 16), (2, 64, 2048, 8), (2, 32, 64, 64, 4)]
+)
+def test_per_channel_sums_of_millions_of_values_are_as_accurate_as_pairwise(shape):
+    # One long float32 dot over 1e6 values is ~1e-5 off; a pairwise sum ~1e-7.
+    x = np.random.default_rng(0).normal(0.7, 2.0, size=shape).astype(np.float32)
+    exact = x.astype(np.float64).reshape(-1, shape[-1]).sum(axis=0)
+    exact_sq = (x.astype(np.float64) ** 2).reshape(-1, shape[-1]).sum(axis=0)
+    got = jax.jit(_per_channel_sum)(x)
+    got_sq = jax.jit(lambda x: _per_channel_sum(x * x))(x)
+    np.testing.assert_allclose(got, exact, rtol=1e-6)
+    np.testing.assert_allclose(got_sq, exact_sq, rtol=1e-6)
 
 
 def test_gradient_through_the_returned_statistics_matches_autodiff():
