@@ -37,7 +37,7 @@ test-long: $(STAMP)
 
 # Regenerates README.md's performance table (about 15 minutes on 2 CPU cores).
 BENCH := $(BIN)/python scripts/benchmark.py --config=configs/unet.py \
-	--workdir=runs/benchmark --rounds=2 --readme=README.md
+	--workdir=runs/benchmark --readme=README.md
 RGB := --config.data.mean=0.5,0.5,0.5 --config.data.std=0.25,0.25,0.25 \
 	--config.data.convert_grayscale=True \
 	--config.optim.name=sgd

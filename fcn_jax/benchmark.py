@@ -109,14 +109,44 @@ def _synthetic_batch(config, mesh, batch_size: int, spatial: tuple[int, ...]):
     return sharding.to_global_batch(batch, mesh)
 
 
-def benchmark_train_and_inference(
+def alternating_medians(
+    timers: dict[str, Callable[[], object]],
+    *,
+    rounds: int,
+    repeats: int,
+    warmup: int = 2,
+) -> dict[str, float]:
+    """Median seconds per call of each timer, the timers taking turns.
+
+    Each of `rounds` rounds makes `repeats` calls of every timer in order, so a
+    slow spell of a shared machine falls on all of them alike and the ratios of
+    the medians stay fair. Each `fn()` must block until its work is done.
+    """
+    for fn in timers.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in timers}
+    for _ in range(rounds):
+        for name, fn in timers.items():
+            for _ in range(repeats):
+                start = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def compile_train_and_inference(
     config: ml_collections.ConfigDict,
     *,
     batch_size: int,
     spatial: tuple[int, ...],
-    repeats: int = 10,
-) -> dict[str, float]:
-    """Compile time, step time and FLOPs of the train step and of inference."""
+) -> tuple[dict[str, float], dict[str, Callable[[], object]]]:
+    """Compiles the train step and inference once.
+
+    Returns (figures that need no timing: compile seconds, FLOPs, parameter
+    count, XLA scratch and the peak memory after two train steps; timers
+    {'train_step': ..., 'inference': ...} for `alternating_medians`).
+    """
     experiment = create_experiment(config)
     mesh = experiment.mesh
     batch = _synthetic_batch(config, mesh, batch_size, spatial)
@@ -126,9 +156,17 @@ def benchmark_train_and_inference(
     lowered_train = train_step.lower(experiment.state, batch)
     compiled_train = lowered_train.compile()
     train_compile = time.perf_counter() - start
-    train_flops = lowered_flops(lowered_train)
-    train_temp_bytes = compiled_train.memory_analysis().temp_size_in_bytes
 
+    def forward(state, images):
+        variables = {"params": state.params, "batch_stats": state.batch_stats}
+        return state.apply_fn(variables, images, train=False)
+
+    start = time.perf_counter()
+    lowered_forward = jax.jit(forward).lower(experiment.state, batch["image"])
+    compiled_forward = lowered_forward.compile()
+    forward_compile = time.perf_counter() - start
+
+    num_params = sum(x.size for x in jax.tree.leaves(experiment.state.params))
     state = experiment.state
 
     def one_train_step():
@@ -136,40 +174,41 @@ def benchmark_train_and_inference(
         state, step_metrics = compiled_train(state, batch)
         jax.block_until_ready(step_metrics)
 
-    train_seconds = median_seconds(one_train_step, repeats=repeats, warmup=2)
-    train_memory = peak_memory_gb()
-    train_device_memory = device_peak_memory_gb()
+    def one_forward():
+        compiled_forward(state, batch["image"]).block_until_ready()
 
-    def forward(state, images):
-        variables = {"params": state.params, "batch_stats": state.batch_stats}
-        return state.apply_fn(variables, images, train=False)
-
-    start = time.perf_counter()
-    lowered_forward = jax.jit(forward).lower(state, batch["image"])
-    compiled_forward = lowered_forward.compile()
-    forward_compile = time.perf_counter() - start
-    forward_flops = lowered_flops(lowered_forward)
-    forward_seconds = median_seconds(
-        lambda: compiled_forward(state, batch["image"]).block_until_ready(),
-        repeats=repeats,
-        warmup=2,
-    )
-    return {
-        "num_params": sum(x.size for x in jax.tree.leaves(experiment.state.params)),
+    for _ in range(2):
+        one_train_step()
+    figures = {
+        "num_params": num_params,
         "train_compile_s": train_compile,
-        "train_step_s": train_seconds,
-        "train_steps_per_s": 1 / train_seconds,
-        "train_images_per_s": batch_size / train_seconds,
-        "train_gflop_per_step": train_flops / 1e9,
-        "train_gflop_per_s": train_flops / train_seconds / 1e9,
-        "train_peak_memory_gb": train_memory,
-        "train_device_peak_memory_gb": train_device_memory,
+        "train_gflop_per_step": lowered_flops(lowered_train) / 1e9,
+        # Measured before anything else (e.g. a PyTorch twin) runs in the process.
+        "train_peak_memory_gb": peak_memory_gb(),
+        "train_device_peak_memory_gb": device_peak_memory_gb(),
         # XLA's scratch for one step: activations kept for the backward pass.
-        "train_xla_temp_memory_gb": train_temp_bytes / 2**30,
+        "train_xla_temp_memory_gb": (
+            compiled_train.memory_analysis().temp_size_in_bytes / 2**30
+        ),
         "inference_compile_s": forward_compile,
-        "inference_s": forward_seconds,
-        "inference_images_per_s": batch_size / forward_seconds,
-        "inference_gflop_per_s": forward_flops / forward_seconds / 1e9,
+        "inference_gflop": lowered_flops(lowered_forward) / 1e9,
+    }
+    return figures, {"train_step": one_train_step, "inference": one_forward}
+
+
+def speed_figures(
+    figures: dict[str, float], *, train_s: float, inference_s: float, batch_size: int
+) -> dict[str, float]:
+    """Adds the timed figures (seconds per train step and per forward pass)."""
+    return {
+        **figures,
+        "train_step_s": train_s,
+        "train_steps_per_s": 1 / train_s,
+        "train_images_per_s": batch_size / train_s,
+        "train_gflop_per_s": figures["train_gflop_per_step"] / train_s,
+        "inference_s": inference_s,
+        "inference_images_per_s": batch_size / inference_s,
+        "inference_gflop_per_s": figures["inference_gflop"] / inference_s,
     }
 
 

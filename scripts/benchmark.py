@@ -4,12 +4,15 @@ r"""Measures the speed of a config on this machine, in one run.
       --batch_size=2 --input_size=256,256 --config.model.base_width=64
 
 Reports XLA compile time of the train and inference steps, train steps/s and
-images/s (median of --repeats steps after warm-up), inference images/s, FLOPs
+images/s, inference images/s, FLOPs
 per step from XLA's cost analysis and the achieved FLOP/s, the matmul FLOP/s of
 this machine measured in the same run (on the CPU, the faster of this process's
 flags and XLA's defaults, in a subprocess) and the ratio of the two, peak
 resident memory, and the input pipeline's own batches/s. When PyTorch is
-installed, a PyTorch twin of the same U-Net is timed in alternating rounds.
+installed, a PyTorch twin of the same U-Net is timed too. Each step is compiled
+once; then JAX's and PyTorch's train steps and forward passes take turns for
+--rounds rounds of --repeats calls each, and every figure is a median over
+all rounds, so the ratios are measured under the same machine load.
 Prints a table and writes benchmark_<name>.json into the workdir.
 """
 
@@ -17,7 +20,6 @@ import glob
 import json
 import math
 import os
-import statistics
 import sys
 
 from fcn_jax import cpu_flags
@@ -37,8 +39,10 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Where to write the JSON.")
 _NAME = flags.DEFINE_string("name", "config", "Name of this case in the output.")
 _BATCH = flags.DEFINE_integer("batch_size", None, "Global batch (default: config).")
 _SIZE = flags.DEFINE_list("input_size", None, "H,W (default: config crop).")
-_REPEATS = flags.DEFINE_integer("repeats", 10, "Timed steps per round.")
-_ROUNDS = flags.DEFINE_integer("rounds", 1, "Alternating JAX / PyTorch rounds.")
+_REPEATS = flags.DEFINE_integer("repeats", 5, "Timed calls per round.")
+_ROUNDS = flags.DEFINE_integer(
+    "rounds", 4, "Rounds in which JAX and PyTorch take turns."
+)
 _PYTORCH = flags.DEFINE_bool("pytorch", True, "Time a PyTorch twin if installed.")
 _MATMUL = flags.DEFINE_integer("matmul_size", 4096, "Matmul size for the peak.")
 _README = flags.DEFINE_string(
@@ -77,26 +81,43 @@ def main(argv: list[str]) -> None:
     in_process_peak = peak
     if not math.isnan(default_flags_peak):
         peak = max(peak, default_flags_peak)
-    rounds = []
-    for _ in range(_ROUNDS.value):
-        jax_result = benchmark.benchmark_train_and_inference(
-            config, batch_size=batch_size, spatial=spatial, repeats=_REPEATS.value
+    figures, jax_timers = benchmark.compile_train_and_inference(
+        config, batch_size=batch_size, spatial=spatial
+    )
+    timers = {f"jax_{name}": fn for name, fn in jax_timers.items()}
+    twin_facts = None
+    if twin is not None and config.model.padding == "SAME" and len(spatial) == 2:
+        twin_facts, twin_timers = twin.prepare(
+            batch_size=batch_size,
+            height=spatial[0],
+            width=spatial[1],
+            in_channels=len(config.data.mean),
+            num_classes=config.model.num_classes,
+            depth=config.model.depth,
+            base_width=config.model.base_width,
+            dtype=config.model.dtype,
         )
-        torch_result = None
-        if twin is not None and config.model.padding == "SAME" and len(spatial) == 2:
-            torch_result = twin.benchmark(
-                batch_size=batch_size,
-                height=spatial[0],
-                width=spatial[1],
-                in_channels=len(config.data.mean),
-                num_classes=config.model.num_classes,
-                depth=config.model.depth,
-                base_width=config.model.base_width,
-                repeats=_REPEATS.value,
-                dtype=config.model.dtype,
-            )
-        rounds.append((jax_result, torch_result))
-    result = _combine(rounds)
+        timers.update({f"torch_{name}": fn for name, fn in twin_timers.items()})
+    medians = benchmark.alternating_medians(
+        timers, rounds=_ROUNDS.value, repeats=_REPEATS.value
+    )
+    result = benchmark.speed_figures(
+        figures,
+        train_s=medians["jax_train_step"],
+        inference_s=medians["jax_inference"],
+        batch_size=batch_size,
+    )
+    if twin_facts is not None:
+        result.update(
+            torch_train_step_s=medians["torch_train_step"],
+            torch_inference_s=medians["torch_inference"],
+            torch_version=twin_facts["torch_version"],
+            torch_num_params=twin_facts["num_params"],
+            train_speedup_vs_torch=medians["torch_train_step"]
+            / medians["jax_train_step"],
+            inference_speedup_vs_torch=medians["torch_inference"]
+            / medians["jax_inference"],
+        )
     result.update(
         name=_NAME.value,
         device=f"{jax.device_count()}x {jax.devices()[0].device_kind}",
@@ -130,25 +151,6 @@ def main(argv: list[str]) -> None:
                 results.append(json.load(f))
         benchmark.update_readme(_README.value, results)
         print(f"updated the benchmark table in {_README.value}")
-
-
-def _combine(rounds) -> dict:
-    """Medians over rounds; PyTorch figures prefixed `torch_`, with speed ratios."""
-    jax_results = [jax_result for jax_result, _ in rounds]
-    result = {k: statistics.median(r[k] for r in jax_results) for k in jax_results[0]}
-    torch_results = [t for _, t in rounds if t is not None]
-    if torch_results:
-        for key in ("train_step_s", "inference_s"):
-            result[f"torch_{key}"] = statistics.median(t[key] for t in torch_results)
-        result["torch_version"] = torch_results[0]["torch_version"]
-        result["torch_num_params"] = torch_results[0]["num_params"]
-        result["train_speedup_vs_torch"] = (
-            result["torch_train_step_s"] / result["train_step_s"]
-        )
-        result["inference_speedup_vs_torch"] = (
-            result["torch_inference_s"] / result["inference_s"]
-        )
-    return result
 
 
 if __name__ == "__main__":

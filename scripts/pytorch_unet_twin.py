@@ -10,8 +10,6 @@ dependency of the project, only used here when installed.
 import torch
 from torch import nn
 
-from fcn_jax.benchmark import median_seconds
-
 
 def _conv_block(in_channels: int, out_channels: int) -> nn.Sequential:
     layers = []
@@ -55,7 +53,7 @@ class TwinUNet(nn.Module):
         return self.head(x)
 
 
-def benchmark(
+def prepare(
     *,
     batch_size: int,
     height: int,
@@ -64,13 +62,14 @@ def benchmark(
     num_classes: int,
     depth: int,
     base_width: int,
-    repeats: int = 10,
     dtype: str = "float32",
-) -> dict[str, float]:
-    """Median seconds of an SGD train step and of a forward pass.
+) -> tuple[dict, dict]:
+    """Builds the twin; returns (facts, timers {'train_step', 'inference'}).
 
-    Runs on the GPU when PyTorch sees one, else on the CPU. `dtype='bfloat16'`
-    computes under autocast with float32 parameters, like `model.dtype`.
+    A train step is one SGD step, an inference call one forward pass; each
+    blocks until done. Runs on the GPU when PyTorch sees one, else on the CPU.
+    `dtype='bfloat16'` computes under autocast with float32 parameters, like
+    `model.dtype`.
     """
     torch.manual_seed(0)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -87,6 +86,7 @@ def benchmark(
             torch.cuda.synchronize()
 
     def train_step():
+        model.train()
         optimizer.zero_grad(set_to_none=True)
         with autocast:
             loss = nn.functional.cross_entropy(model(images).float(), labels)
@@ -95,19 +95,15 @@ def benchmark(
         synchronize()
 
     def forward():
+        model.eval()
         with torch.no_grad(), autocast:
             model(images)
         synchronize()
 
-    model.train()
-    train_s = median_seconds(train_step, repeats=repeats, warmup=2)
-    model.eval()
-    forward_s = median_seconds(forward, repeats=repeats, warmup=2)
-    return {
+    facts = {
         "torch_version": torch.__version__,
         "torch_device": str(device),
         "torch_threads": torch.get_num_threads(),
         "num_params": sum(p.numel() for p in model.parameters()),
-        "train_step_s": train_s,
-        "inference_s": forward_s,
     }
+    return facts, {"train_step": train_step, "inference": forward}

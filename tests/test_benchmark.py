@@ -44,3 +44,27 @@ def test_default_flags_matmul_peak_runs_in_a_subprocess_with_xla_defaults(
     monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=bogus")
     flops = benchmark.default_flags_matmul_peak_flops(size=256)
     assert flops > 1e8
+
+
+def test_alternating_medians_takes_turns_and_times_each_call(monkeypatch):
+    clock = [0.0]
+    calls = []
+
+    def timer(name, seconds):
+        def fn():
+            calls.append(name)
+            clock[0] += seconds
+
+        return fn
+
+    monkeypatch.setattr(benchmark.time, "perf_counter", lambda: clock[0])
+    medians = benchmark.alternating_medians(
+        {"jax": timer("jax", 1.0), "torch": timer("torch", 3.0)},
+        rounds=2,
+        repeats=2,
+        warmup=1,
+    )
+    assert medians == {"jax": 1.0, "torch": 3.0}
+    warmup, timed = calls[:2], calls[2:]
+    assert warmup == ["jax", "torch"]
+    assert timed == ["jax", "jax", "torch", "torch"] * 2
