@@ -71,7 +71,6 @@ def main(argv: list[str]) -> None:
     config = _CONFIG.value
     batch_size = _BATCH.value or config.data.batch_size
     spatial = tuple(int(n) for n in _SIZE.value or [config.data.crop_size] * 2)
-    twin = _pytorch_twin()
     peak = benchmark.matmul_peak_flops(_MATMUL.value, dtype=config.model.dtype)
     default_flags_peak = float("nan")
     if jax.default_backend() == "cpu":
@@ -85,6 +84,8 @@ def main(argv: list[str]) -> None:
         config, batch_size=batch_size, spatial=spatial
     )
     timers = {f"jax_{name}": fn for name, fn in jax_timers.items()}
+    # Imported only now, so the peak memory above is JAX's alone.
+    twin = _pytorch_twin()
     twin_facts = None
     if twin is not None and config.model.padding == "SAME" and len(spatial) == 2:
         twin_facts, twin_timers = twin.prepare(
