@@ -23,11 +23,6 @@ pytestmark = pytest.mark.long
 NUM_STEPS = 24
 OVERRIDES = {
     "data.batch_size": 8,
-    # XLA's BatchNorm gradient: with the fused BatchNorm+ReLU (the CPU default)
-    # this comparison drifts by 4e-5 to 2e-4 from run to run, not yet
-    # explained; the fused op's sharded statistics and gradients are checked
-    # at 1e-5 by test_multidevice.py (8 devices vs 1, one process).
-    "model.batch_norm_relu": "xla",
     # SGD: Adam's normalised steps blow float32 rounding in near-zero
     # gradients up to ~1e-4 over 24 steps, which would hide small real errors.
     "optim.name": "sgd",
