@@ -20,14 +20,8 @@ from fcn_jax.experiment import create_experiment, create_train_iterator
 
 def median_seconds(fn: Callable[[], object], *, repeats: int, warmup: int) -> float:
     """Median wall time of `fn()` (which must block until its work is done)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    timers = {"fn": fn}
+    return alternating_medians(timers, rounds=1, repeats=repeats, warmup=warmup)["fn"]
 
 
 def matmul_peak_flops(

@@ -4,8 +4,8 @@ r"""Measures the speed of a config on this machine, in one run.
       --batch_size=2 --input_size=256,256 --config.model.base_width=64
 
 Reports XLA compile time of the train and inference steps, train steps/s and
-images/s, inference images/s, FLOPs
-per step from XLA's cost analysis and the achieved FLOP/s, the matmul FLOP/s of
+images/s, inference images/s, FLOPs per step from XLA's cost analysis and the
+achieved FLOP/s, the matmul FLOP/s of
 this machine measured in the same run (on the CPU, the faster of this process's
 flags and XLA's defaults, in a subprocess) and the ratio of the two, peak
 resident memory, and the input pipeline's own batches/s. When PyTorch is
