@@ -237,11 +237,26 @@ def _dimension_numbers(rank: int) -> tuple[str, str, str]:
 
 def _transposed_conv_patches(x: jax.Array, kernel: jax.Array) -> jax.Array:
     """Transposed conv with kernel == stride, padding 0: every input pixel owns
-    one disjoint output patch, so it is an einsum and an interleaving reshape."""
+    one disjoint output patch, so it is a product and an interleaving.
+
+    One product per offset along the leading spatial axes, each giving
+    [B, *S, k_last, features], already in output memory order; stacking them
+    interleaves whole rows. A single einsum over all offsets needs transposes
+    of the activation in the forward and both gradients (on a 2-core CPU,
+    configs/unet.py: train step 3% and inference 7% slower).
+    """
     rank = x.ndim - 2
-    inputs, offsets = "xyz"[:rank], "pqr"[:rank]
-    interleaved = "".join(i + o for i, o in zip(inputs, offsets))
-    y = jnp.einsum(f"n{inputs}c,{offsets}co->n{interleaved}o", x, kernel)
+    product = f"n{'xyz'[:rank]}c,qco->n{'xyz'[:rank]}qo"
+
+    def patches(kernel_part: jax.Array) -> jax.Array:
+        # kernel_part [*k_lead, k_last, C, F] -> [B, S_0, .., k_lead_0, S_j, .., F]
+        if kernel_part.ndim == 3:
+            return jnp.einsum(product, x, kernel_part)
+        # The offset along spatial axis j goes right after that axis.
+        j = rank - (kernel_part.ndim - 2)
+        return jnp.stack([patches(k) for k in kernel_part], axis=j + 2)
+
+    y = patches(kernel)
     out_spatial = [n * k for n, k in zip(x.shape[1:-1], kernel.shape[:rank])]
     return y.reshape(x.shape[0], *out_spatial, kernel.shape[-1])
 
