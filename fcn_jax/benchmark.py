@@ -223,6 +223,38 @@ README_BEGIN = "<!-- benchmark table: begin -->"
 README_END = "<!-- benchmark table: end -->"
 
 
+def _cpu_model(cpuinfo_path: str) -> tuple[str, bool]:
+    """(model name, has AVX-512) from a Linux /proc/cpuinfo; ('', False) elsewhere."""
+    try:
+        with open(cpuinfo_path) as f:
+            text = f.read()
+    except OSError:
+        return "", False
+    model = ""
+    for line in text.splitlines():
+        if line.startswith("model name"):
+            model = line.split(":", 1)[1]
+            break
+    for noise in ("(R)", "(TM)", "Processor", "processor"):
+        model = model.replace(noise, "")
+    model = " ".join(model.split("@")[0].split())
+    return model, " avx512f" in text
+
+
+def device_description(cpuinfo_path: str = "/proc/cpuinfo") -> str:
+    """'2x NVIDIA H200'; on the CPU also the model, cores and AVX-512, e.g.
+    '1x cpu (Intel Xeon, 2 cores, AVX-512)': CPU rows of different machines
+    differ by 2x in speed and must not replace each other in the table."""
+    device = f"{jax.device_count()}x {jax.devices()[0].device_kind}"
+    if jax.default_backend() != "cpu":
+        return device
+    model, avx512 = _cpu_model(cpuinfo_path)
+    details = [model or "unknown model", f"{os.cpu_count()} cores"]
+    if avx512:
+        details.append("AVX-512")
+    return f"{device} ({', '.join(details)})"
+
+
 def markdown_table(results: list[dict]) -> str:
     """One row per benchmark result, as written by scripts/benchmark.py."""
     header = (

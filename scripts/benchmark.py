@@ -121,7 +121,7 @@ def main(argv: list[str]) -> None:
         )
     result.update(
         name=_NAME.value,
-        device=f"{jax.device_count()}x {jax.devices()[0].device_kind}",
+        device=benchmark.device_description(),
         batch_size=batch_size,
         input_size=list(spatial),
         matmul_peak_gflop_per_s=peak / 1e9,

@@ -68,3 +68,18 @@ def test_alternating_medians_takes_turns_and_times_each_call(monkeypatch):
     warmup, timed = calls[:2], calls[2:]
     assert warmup == ["jax", "torch"]
     assert timed == ["jax", "jax", "torch", "torch"] * 2
+
+
+def test_cpu_device_description_names_the_model_cores_and_avx512(tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(
+        "processor\t: 0\nmodel name\t: Intel(R) Xeon(R) Processor @ 2.1GHz\n"
+        "flags\t\t: fpu sse avx2 avx512f avx512bw\n"
+    )
+    described = benchmark.device_description(str(cpuinfo))
+    assert described.startswith("1x cpu (Intel Xeon, ")
+    assert described.endswith(" cores, AVX-512)")
+    cpuinfo.write_text("model name\t: AMD EPYC 7B13 64-Core Processor\nflags\t: avx2\n")
+    assert "(AMD EPYC 7B13 64-Core, " in benchmark.device_description(str(cpuinfo))
+    assert "AVX-512" not in benchmark.device_description(str(cpuinfo))
+    assert "(unknown model, " in benchmark.device_description(str(tmp_path / "none"))
