@@ -16,7 +16,7 @@ import portpicker
 import pytest
 from conftest import REPO_ROOT, load_config_module
 
-from fcn_jax import checkpointing, evaluate
+from fcn_jax import checkpointing, evaluate, reporting
 
 pytestmark = pytest.mark.long
 
@@ -33,11 +33,17 @@ OVERRIDES = {
     "ckpt.every_steps": 4,
     "ckpt.max_to_keep": 3,
 }
-# Same batches and math as one device; only float32 sums in another order
-# (~1e-7 relative per step) over 24 SGD steps. Measured: largest difference
-# 1.7e-5 on a BatchNorm running variance of ~5 (3e-6 relative); validation
-# mean IoU equal to 6 decimals.
-TOLERANCE = {"rtol": 1e-5, "atol": 1e-5}
+# Same batches and math as one device; only float32 sums run in another order.
+# Each step's loss moves by ~1e-6 relative from that alone, and SGD amplifies
+# the parameter differences step by step: after 24 steps, one process with 1
+# device and one with 4 devices differ by up to 7e-3 in the relative norm of a
+# small leaf on an AVX-512 CPU (the 2-process run: 2e-2; an element-wise 1e-5
+# tolerance held only on another CPU). So the per-step losses are compared
+# (measured within 1.9e-5 relative; a batch skipped or repeated on resume moves
+# a loss by ~1e-2), and the whole tree of parameters and statistics by its
+# relative norm (measured 1.3e-4).
+LOSS_RTOL = 1e-4
+PARAMS_RELATIVE_NORM = 2e-3
 
 
 def _config(data_dir):
@@ -145,16 +151,24 @@ def test_two_processes_killed_and_resumed_agree_with_one(data_dir, tmp_path):
     progress = f"{NUM_STEPS}/{NUM_STEPS}"
     assert progress in errors[0] and progress not in errors[1]
 
-    config = _config(data_dir)
-    leaves = list(zip(_restore(config, workdir), _restore(config, single)))
-    difference = max(float(np.max(np.abs(got - want))) for got, want in leaves)
-    relative = max(
-        float(np.max(np.abs(got - want) / np.maximum(np.abs(want), 1e-3)))
-        for got, want in leaves
+    losses = reporting.read_scalars(str(workdir), "train/loss")
+    reference = reporting.read_scalars(str(single), "train/loss")
+    resumed_at = max(killed_at)
+    logged = sorted(reference)
+    assert [s for s in logged if s > resumed_at] == [
+        s for s in sorted(losses) if s > resumed_at
+    ]
+    steps = [s for s in logged if s in losses]
+    np.testing.assert_allclose(
+        [losses[s] for s in steps], [reference[s] for s in steps], rtol=LOSS_RTOL
     )
-    print(f"2 processes vs 1: max abs {difference:.3g}, max rel {relative:.3g}")
-    for got, want in leaves:
-        np.testing.assert_allclose(got, want, **TOLERANCE)
+
+    config = _config(data_dir)
+    got = np.concatenate([leaf.ravel() for leaf in _restore(config, workdir)])
+    want = np.concatenate([leaf.ravel() for leaf in _restore(config, single)])
+    relative = float(np.linalg.norm(got - want) / np.linalg.norm(want))
+    print(f"2 processes vs 1: parameters' relative difference {relative:.2g}")
+    assert relative < PARAMS_RELATIVE_NORM
     # The evaluation during training counts every validation pixel once
     # across both processes (5 slices of 512x512, split 3 + 2 plus padding).
     eval_single, eval_pair = _saved_metrics(single), _saved_metrics(workdir)

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -11,7 +12,15 @@ import pytest
 from conftest import REPO_ROOT, load_config_module
 from PIL import Image
 
-from fcn_jax import checkpointing, evaluate, experiment, predict_files, steps, train
+from fcn_jax import (
+    checkpointing,
+    evaluate,
+    experiment,
+    predict_files,
+    reporting,
+    steps,
+    train,
+)
 
 UNET_CONFIG = REPO_ROOT / "configs" / "unet.py"
 
@@ -62,6 +71,28 @@ def test_training_writes_checkpoints_events_and_run_record(trained_workdir):
     for name in ("config.json", "run.json"):
         assert os.path.exists(os.path.join(workdir, name))
     assert 0.0 <= summary["pixel_accuracy"] <= 1.0
+
+
+def test_logged_scalars_read_back_from_the_event_files(trained_workdir, tmp_path):
+    workdir, config, summary = trained_workdir
+    losses = reporting.read_scalars(workdir, "train/loss")
+    every = config.train.log_every_steps
+    expected_steps = set(range(every, config.train.num_steps + 1, every))
+    assert expected_steps | {config.train.num_steps} == set(losses)
+    assert all(np.isfinite(v) and v > 0 for v in losses.values())
+    eval_iou = reporting.read_scalars(workdir, "eval/mean_iou")
+    assert eval_iou[config.train.num_steps] == pytest.approx(summary["mean_iou"])
+    # A later file (a resumed run) replaces earlier values of the same step.
+    writer = reporting.MetricWriter(str(tmp_path))
+    writer.write_scalars(2, {"train/loss": 1.5})
+    writer.close()
+    time.sleep(1.1)  # Event file names carry the second they were opened.
+    later = reporting.MetricWriter(str(tmp_path))
+    later.write_scalars(2, {"train/loss": 0.5})
+    later.write_scalars(4, {"train/loss": 0.25})
+    later.close()
+    assert len(os.listdir(tmp_path)) == 2
+    assert reporting.read_scalars(str(tmp_path), "train/loss") == {2: 0.5, 4: 0.25}
 
 
 def test_restore_in_a_new_process_gives_identical_metrics(trained_workdir, data_dir):
