@@ -72,11 +72,12 @@ def default_flags_matmul_peak_flops(size: int = 4096, dtype: str = "float32") ->
 def lowered_flops(lowered) -> float:
     """FLOPs of one call from XLA's cost analysis of the lowered (not yet
     compiled) computation: the same count on every backend, whereas compiled
-    GPU executables leave the FLOPs of cuDNN convolutions out."""
+    GPU executables leave the FLOPs of cuDNN convolutions out. NaN where the
+    backend offers no analysis before compiling."""
     analysis = lowered.cost_analysis()
     if isinstance(analysis, (list, tuple)):
-        analysis = analysis[0]
-    return float(analysis.get("flops", float("nan")))
+        analysis = analysis[0] if analysis else None
+    return float((analysis or {}).get("flops", float("nan")))
 
 
 def peak_memory_gb() -> float:

@@ -1,6 +1,11 @@
 """The README performance table (rows from different machines live side by side)
 and the matmul peak measured with XLA's default flags."""
 
+import math
+
+import jax
+import jax.numpy as jnp
+
 from fcn_jax import benchmark
 
 
@@ -83,3 +88,18 @@ def test_cpu_device_description_names_the_model_cores_and_avx512(tmp_path):
     assert "(AMD EPYC 7B13 64-Core, " in benchmark.device_description(str(cpuinfo))
     assert "AVX-512" not in benchmark.device_description(str(cpuinfo))
     assert "(unknown model, " in benchmark.device_description(str(tmp_path / "none"))
+
+
+def test_lowered_flops_counts_a_matmul_and_is_nan_without_an_analysis():
+    a = jnp.ones((32, 48))
+    b = jnp.ones((48, 16))
+    lowered = jax.jit(jnp.matmul).lower(a, b)
+    assert benchmark.lowered_flops(lowered) == 2 * 32 * 48 * 16
+
+    class NoAnalysis:
+        """A lowered step of a backend that analyses only compiled code."""
+
+        def cost_analysis(self):
+            return None
+
+    assert math.isnan(benchmark.lowered_flops(NoAnalysis()))
