@@ -59,6 +59,7 @@ ENVIRONMENT_KEYS = (
     "mesh.spatial",
     # How gradients are computed, not what: checkpoints fit either way.
     "model.batch_norm_relu",
+    "model.conv_filter_gradient",
     "model.max_pool_gradient",
     "model.remat",
     "train.compilation_cache",

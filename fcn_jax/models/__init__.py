@@ -5,7 +5,9 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from absl import logging
 
+from fcn_jax import cpu_kernels
 from fcn_jax.models.classifier import Classifier
 from fcn_jax.models.deeplab import DeepLabV3
 from fcn_jax.models.fcn import FCN
@@ -35,6 +37,32 @@ def _dtype(key: str, value: Any) -> Any:
     return DTYPES[value]
 
 
+def _conv_filter_gradient(choice: str, cpu: bool) -> str:
+    """Resolves 'auto': the CPU kernel on a single CPU device where it builds.
+
+    With several devices XLA partitions the step over the batch and would
+    gather the whole batch onto each device for the kernel, so 'auto' keeps
+    XLA's gradients there.
+    """
+    if choice == "auto":
+        if not (cpu and jax.device_count() == 1):
+            return "xla"
+        try:
+            cpu_kernels.load()
+        except (cpu_kernels.KernelUnavailableError, OSError) as error:
+            logging.warning("model.conv_filter_gradient: using XLA's: %s", error)
+            return "xla"
+        return "direct"
+    if choice == "direct":
+        if not cpu:
+            raise ValueError(
+                "model.conv_filter_gradient='direct' runs on the CPU only; "
+                f"this backend is {jax.default_backend()!r} (use 'auto' or 'xla')."
+            )
+        cpu_kernels.load()  # Raises, with the compiler's message, if it fails.
+    return choice
+
+
 def create_model(model_config: Any) -> nn.Module:
     """Builds the model named by `model_config.name` from the config's other fields.
 
@@ -62,6 +90,10 @@ def create_model(model_config: Any) -> nn.Module:
     ):
         if fields.get(key) == "auto":
             fields[key] = cpu_choice if cpu else "xla"
+    if "conv_filter_gradient" in fields:
+        fields["conv_filter_gradient"] = _conv_filter_gradient(
+            fields["conv_filter_gradient"], cpu
+        )
     accepted = set(model_cls.__dataclass_fields__) - {"parent", "name"}
     unknown = sorted(set(fields) - accepted)
     if unknown:

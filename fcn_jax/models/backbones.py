@@ -77,6 +77,7 @@ class VGGEncoder(nn.Module):
     num_groups: int = 8
     max_pool_gradient: str = "xla"
     batch_norm_relu: str = "xla"
+    conv_filter_gradient: str = "xla"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -90,6 +91,7 @@ class VGGEncoder(nn.Module):
                 num_convs=num_convs,
                 num_groups=self.num_groups,
                 batch_norm_relu=self.batch_norm_relu,
+                conv_filter_gradient=self.conv_filter_gradient,
                 dtype=self.dtype,
                 param_dtype=self.param_dtype,
                 name=f"conv{i}",
@@ -228,11 +230,13 @@ def create_backbone(
     dtype: Dtype,
     param_dtype: Dtype,
     batch_norm_relu: str = "xla",
+    conv_filter_gradient: str = "xla",
 ) -> nn.Module:
     """A stride-32 VGGEncoder or ResNetEncoder named 'backbone'.
 
-    `batch_norm_relu` applies to VGG's conv blocks; ResNet's blocks add the
-    shortcut between norm and ReLU, so they keep XLA's gradients.
+    `batch_norm_relu` and `conv_filter_gradient` apply to VGG's conv blocks;
+    ResNet's blocks add the shortcut between norm and ReLU, so they keep XLA's
+    gradients.
     """
     if backbone not in BACKBONES:
         raise ValueError(f"backbone={backbone!r} is not one of {', '.join(BACKBONES)}.")
@@ -250,6 +254,7 @@ def create_backbone(
             num_convs=tuple(vgg_num_convs),
             max_pool_gradient=max_pool_gradient,
             batch_norm_relu=batch_norm_relu,
+            conv_filter_gradient=conv_filter_gradient,
             **shared,
         )
     return ResNetEncoder(stage_sizes=tuple(resnet_stage_sizes), **shared)

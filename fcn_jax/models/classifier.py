@@ -31,6 +31,8 @@ class Classifier(nn.Module):
     max_pool_gradient: str = "xla"
     # 'fused': VGG's BatchNorm + ReLU as one op with a hand-written gradient.
     batch_norm_relu: str = "xla"
+    # 'direct': 2D/1D conv filter gradients on a compiled CPU kernel.
+    conv_filter_gradient: str = "xla"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -47,6 +49,7 @@ class Classifier(nn.Module):
             num_groups=self.num_groups,
             max_pool_gradient=self.max_pool_gradient,
             batch_norm_relu=self.batch_norm_relu,
+            conv_filter_gradient=self.conv_filter_gradient,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
         )(x, train=train)

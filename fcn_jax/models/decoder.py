@@ -45,6 +45,7 @@ class Decoder(nn.Module):
     num_convs: int = 2
     num_groups: int = 8
     batch_norm_relu: str = "xla"
+    conv_filter_gradient: str = "xla"
     upsample: str = "transposed_conv"
     up_kernel_size: int = 2
     up_stride: int = 2
@@ -80,6 +81,7 @@ class Decoder(nn.Module):
                 num_convs=self.num_convs,
                 num_groups=self.num_groups,
                 batch_norm_relu=self.batch_norm_relu,
+                conv_filter_gradient=self.conv_filter_gradient,
                 dtype=self.dtype,
                 param_dtype=self.param_dtype,
                 name=f"dec_block_{level}",

@@ -24,6 +24,7 @@ class Encoder(nn.Module):
     num_convs: int = 2
     num_groups: int = 8
     batch_norm_relu: str = "xla"
+    conv_filter_gradient: str = "xla"
     downsample: str = "max_pool"
     max_pool_gradient: str = "xla"
     dtype: Dtype = jnp.float32
@@ -54,6 +55,7 @@ class Encoder(nn.Module):
                 num_convs=self.num_convs,
                 num_groups=self.num_groups,
                 batch_norm_relu=self.batch_norm_relu,
+                conv_filter_gradient=self.conv_filter_gradient,
                 dtype=self.dtype,
                 param_dtype=self.param_dtype,
                 name=name,

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from flax.typing import Dtype
 from jax import lax
 
+from fcn_jax.models import conv_gradient
 from fcn_jax.models.batch_norm_relu import BatchNormReLU
 from fcn_jax.models.pooling import max_pool_argmax_gradient
 from fcn_jax.models.sizes import transposed_conv_output_size
@@ -23,6 +24,7 @@ DOWNSAMPLE_METHODS = ("max_pool", "avg_pool", "strided_conv")
 UPSAMPLE_METHODS = ("transposed_conv", "resize_conv")
 MAX_POOL_GRADIENTS = ("xla", "argmax")
 BATCH_NORM_RELUS = ("xla", "fused")
+CONV_FILTER_GRADIENTS = ("xla", "direct")
 INTERPOLATIONS = ("nearest", "linear")
 
 # (features, *, train, name) -> a norm module, built inside the caller's scope.
@@ -85,6 +87,8 @@ class ConvBlock(nn.Module):
     `batch_norm_relu='fused'` runs norm='batch' + ReLU as one `BatchNormReLU`
     (same variables and outputs, a two-sweep backward pass; fast on CPU);
     'xla' differentiates `nn.BatchNorm` and `nn.relu` with XLA's autodiff.
+    `conv_filter_gradient='direct'` computes the convs' filter gradients on the
+    CPU kernel of `conv_gradient` (CPU only; same parameters and outputs).
     """
 
     features: int
@@ -94,6 +98,7 @@ class ConvBlock(nn.Module):
     num_convs: int = 2
     num_groups: int = 8
     batch_norm_relu: str = "xla"
+    conv_filter_gradient: str = "xla"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -101,6 +106,9 @@ class ConvBlock(nn.Module):
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
         _check_choice("padding", self.padding, PADDINGS)
         _check_choice("batch_norm_relu", self.batch_norm_relu, BATCH_NORM_RELUS)
+        _check_choice(
+            "conv_filter_gradient", self.conv_filter_gradient, CONV_FILTER_GRADIENTS
+        )
         rank = _spatial_rank(x)
         make_norm = create_norm(
             self.norm,
@@ -118,6 +126,11 @@ class ConvBlock(nn.Module):
             kernel_init=nn.initializers.kaiming_normal(),
             dtype=self.dtype,
             param_dtype=self.param_dtype,
+            conv_general_dilated=(
+                conv_gradient.conv_general_dilated
+                if self.conv_filter_gradient == "direct"
+                else None
+            ),
         )
         fused = self.norm == "batch" and self.batch_norm_relu == "fused"
         for i in range(self.num_convs):

@@ -40,6 +40,8 @@ class UNet(nn.Module):
     max_pool_gradient: str = "xla"
     # 'fused': BatchNorm + ReLU as one op with a hand-written gradient (CPU).
     batch_norm_relu: str = "xla"
+    # 'direct': 2D/1D conv filter gradients on a compiled CPU kernel.
+    conv_filter_gradient: str = "xla"
     upsample: str = "transposed_conv"
     up_kernel_size: int = 2
     up_stride: int = 2
@@ -65,6 +67,7 @@ class UNet(nn.Module):
             "num_convs": self.num_convs,
             "num_groups": self.num_groups,
             "batch_norm_relu": self.batch_norm_relu,
+            "conv_filter_gradient": self.conv_filter_gradient,
             "dtype": self.dtype,
             "param_dtype": self.param_dtype,
             "remat": self.remat,

@@ -1,0 +1,153 @@
+"""CPU kernels compiled on first use and called from XLA through its FFI.
+
+`conv_filter_gradient` computes the filter gradient of a stride-1 2D
+convolution (see conv_filter_gradient.cc) several times faster than XLA:CPU's
+own lowering. The library is built with the machine's C++ compiler ($CXX, else
+g++ or c++) for this CPU (-march=native) into a cache directory
+($FCN_JAX_KERNEL_CACHE, else ~/.cache/fcn_jax/cpu_kernels), keyed by the
+source, the flags, the compiler, jaxlib and the CPU, so each machine builds it
+once (about 2 s).
+"""
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+SOURCE = Path(__file__).with_name("conv_filter_gradient.cc")
+CACHE_ENV = "FCN_JAX_KERNEL_CACHE"
+FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
+_TARGET = "fcn_jax_conv_filter_gradient"
+
+
+class KernelUnavailableError(RuntimeError):
+    """The CPU kernels cannot be built or loaded on this machine."""
+
+
+def _compiler() -> str:
+    for name in (os.environ.get("CXX"), "g++", "c++"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    raise KernelUnavailableError(
+        "no C++ compiler found ($CXX, g++ or c++) to build the CPU kernels."
+    )
+
+
+def _cpu_features() -> str:
+    """The CPU's feature flags, which -march=native compiles for."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def library_path() -> Path:
+    """Where this machine's build of the library lives (built if missing)."""
+    compiler = _compiler()
+    version = subprocess.run(
+        [compiler, "--version"], capture_output=True, text=True, check=False
+    ).stdout
+    key = hashlib.sha256(
+        "\n".join(
+            [
+                SOURCE.read_text(),
+                " ".join(FLAGS),
+                version,
+                jax.__version__,
+                platform.machine(),
+                _cpu_features(),
+            ]
+        ).encode()
+    ).hexdigest()[:16]
+    cache = Path(
+        os.environ.get(CACHE_ENV) or Path.home() / ".cache/fcn_jax/cpu_kernels"
+    )
+    path = cache / f"libfcn_jax_cpu_kernels_{key}.so"
+    if path.exists():
+        return path
+    cache.mkdir(parents=True, exist_ok=True)
+    # Built under a temporary name and renamed, so concurrent processes never
+    # load a half-written library.
+    with tempfile.NamedTemporaryFile(dir=cache, suffix=".so", delete=False) as tmp:
+        partial = Path(tmp.name)
+    command = [
+        compiler,
+        *FLAGS,
+        f"-I{jax.ffi.include_dir()}",
+        "-o",
+        str(partial),
+        str(SOURCE),
+        "-lpthread",
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        partial.unlink(missing_ok=True)
+        raise KernelUnavailableError(
+            f"building {SOURCE.name} failed ({' '.join(command)}):\n"
+            f"{result.stderr[-2000:]}"
+        )
+    os.replace(partial, path)
+    return path
+
+
+@functools.cache
+def load() -> None:
+    """Builds (once per machine) and registers the kernels with XLA:CPU."""
+    library = ctypes.cdll.LoadLibrary(str(library_path()))
+    jax.ffi.register_ffi_target(
+        _TARGET, jax.ffi.pycapsule(library.FcnJaxConvFilterGradient), platform="cpu"
+    )
+
+
+def available() -> bool:
+    """Whether the kernels build and load here (False, not an error, if not)."""
+    try:
+        load()
+    except (KernelUnavailableError, OSError):
+        return False
+    return True
+
+
+def _threads() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def conv_filter_gradient(
+    x: jax.Array, g: jax.Array, kernel_size: tuple[int, int], pads: tuple[int, int]
+) -> jax.Array:
+    """dw[a, b, i, o] = sum_{n,h,w} x[n, h + a - pads[0], w + b - pads[1], i] g[n, h, w, o].
+
+    Args:
+      x: conv input [N, Hx, Wx, Ci], float32.
+      g: cotangent of the stride-1 conv output [N, Hg, Wg, Co], float32, Co a
+        multiple of 16.
+      kernel_size: (KH, KW).
+      pads: the low (top, left) zero padding of x.
+
+    Returns:
+      The filter gradient [KH, KW, Ci, Co], float32.
+    """
+    load()
+    out = jax.ShapeDtypeStruct((*kernel_size, x.shape[-1], g.shape[-1]), jnp.float32)
+    return jax.ffi.ffi_call(_TARGET, out)(
+        x,
+        g,
+        pad_h=np.int64(pads[0]),
+        pad_w=np.int64(pads[1]),
+        threads=np.int64(_threads()),
+    )

@@ -1,0 +1,147 @@
+// Filter gradient of a stride-1 2D convolution, NHWC, float32, on the CPU:
+//
+//   dw[a, b, i, o] = sum_{n, h, w} x[n, h + a - pad_h, w + b - pad_w, i] g[n, h, w, o]
+//
+// x: [N, Hx, Wx, Ci], g: [N, Hg, Wg, Co] (the cotangent of the conv output),
+// dw: [KH, KW, Ci, Co]; terms whose x index falls outside x are zero padding.
+// Co must be a multiple of 16. For every output row the accumulators of a
+// block of input channels times 16 output channels stay in registers while
+// the row streams through once per kernel offset, so x and g are read from
+// memory about once. Rows are split among `threads` threads, each summing
+// into its own dw, added at the end.
+#include <algorithm>
+#include <array>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <thread>
+#include <utility>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+typedef float Vec16 __attribute__((vector_size(64)));
+typedef float UnalignedVec16 __attribute__((vector_size(64), aligned(4)));
+
+// Input channels per register block: 16 accumulators use 16 of AVX-512's 32
+// registers; with AVX2 a Vec16 takes two of 16 registers.
+#ifdef __AVX512F__
+constexpr int kChannelBlock = 16;
+#else
+constexpr int kChannelBlock = 6;
+#endif
+
+struct Geometry {
+  int64_t n, x_h, x_w, g_h, g_w, ci, co, k_h, k_w, pad_h, pad_w;
+};
+
+// dw_block[c, 0:16] += sum_{w in [w_lo, w_hi)} x_row[w + shift, c] g_row[w, 0:16]
+template <int kBlock>
+void AccumulateBlock(const float* x_row, const float* g_row, float* dw_block,
+                     int64_t w_lo, int64_t w_hi, int64_t shift, int64_t ci,
+                     int64_t co) {
+  Vec16 acc[kBlock];
+  for (int c = 0; c < kBlock; ++c) acc[c] = Vec16{};
+  for (int64_t w = w_lo; w < w_hi; ++w) {
+    const Vec16 g = *reinterpret_cast<const UnalignedVec16*>(g_row + w * co);
+    const float* x = x_row + (w + shift) * ci;
+    for (int c = 0; c < kBlock; ++c) acc[c] += x[c] * g;
+  }
+  for (int c = 0; c < kBlock; ++c) {
+    *reinterpret_cast<UnalignedVec16*>(dw_block + c * co) += acc[c];
+  }
+}
+
+using BlockFn = void (*)(const float*, const float*, float*, int64_t, int64_t,
+                         int64_t, int64_t, int64_t);
+
+template <int... kBlocks>
+constexpr std::array<BlockFn, sizeof...(kBlocks)> MakeBlockFns(
+    std::integer_sequence<int, kBlocks...>) {
+  return {AccumulateBlock<kBlocks + 1>...};
+}
+
+constexpr auto kBlockFns =
+    MakeBlockFns(std::make_integer_sequence<int, kChannelBlock>{});
+
+void AccumulateRows(const float* x, const float* g, float* dw,
+                    const Geometry& s, int64_t row_lo, int64_t row_hi) {
+  for (int64_t r = row_lo; r < row_hi; ++r) {
+    const int64_t n = r / s.g_h, h = r % s.g_h;
+    const float* g_row = g + (n * s.g_h + h) * s.g_w * s.co;
+    for (int64_t a = 0; a < s.k_h; ++a) {
+      const int64_t x_h = h + a - s.pad_h;
+      if (x_h < 0 || x_h >= s.x_h) continue;
+      const float* x_row = x + (n * s.x_h + x_h) * s.x_w * s.ci;
+      for (int64_t b = 0; b < s.k_w; ++b) {
+        const int64_t shift = b - s.pad_w;
+        const int64_t w_lo = std::max<int64_t>(0, -shift);
+        const int64_t w_hi = std::min<int64_t>(s.g_w, s.x_w - shift);
+        if (w_lo >= w_hi) continue;
+        for (int64_t c0 = 0; c0 < s.ci; c0 += kChannelBlock) {
+          const int64_t block = std::min<int64_t>(kChannelBlock, s.ci - c0);
+          const BlockFn fn = kBlockFns[block - 1];
+          for (int64_t o0 = 0; o0 < s.co; o0 += 16) {
+            float* dw_block = dw + ((a * s.k_w + b) * s.ci + c0) * s.co + o0;
+            fn(x_row + c0, g_row + o0, dw_block, w_lo, w_hi, shift, s.ci,
+               s.co);
+          }
+        }
+      }
+    }
+  }
+}
+
+ffi::Error ConvFilterGradientImpl(ffi::Buffer<ffi::F32> x,
+                                  ffi::Buffer<ffi::F32> g,
+                                  ffi::ResultBuffer<ffi::F32> dw,
+                                  int64_t pad_h, int64_t pad_w,
+                                  int64_t threads) {
+  const auto xd = x.dimensions();
+  const auto gd = g.dimensions();
+  const auto wd = dw->dimensions();
+  if (xd.size() != 4 || gd.size() != 4 || wd.size() != 4) {
+    return ffi::Error::InvalidArgument("x, g and dw must have rank 4");
+  }
+  const Geometry s{xd[0], xd[1], xd[2], gd[1], gd[2], xd[3],
+                   gd[3], wd[0], wd[1], pad_h, pad_w};
+  if (gd[0] != s.n || wd[2] != s.ci || wd[3] != s.co) {
+    return ffi::Error::InvalidArgument("x, g and dw shapes do not match");
+  }
+  if (s.co % 16 != 0) {
+    return ffi::Error::InvalidArgument("output channels must be a multiple of 16");
+  }
+  const int64_t size = s.k_h * s.k_w * s.ci * s.co;
+  const int64_t rows = s.n * s.g_h;
+  const int64_t count = std::clamp<int64_t>(threads, 1, std::max<int64_t>(rows, 1));
+  float* out = dw->typed_data();
+  std::memset(out, 0, size * sizeof(float));
+  std::vector<std::vector<float>> partial(count - 1, std::vector<float>(size));
+  std::vector<std::thread> pool;
+  for (int64_t t = 1; t < count; ++t) {
+    pool.emplace_back(AccumulateRows, x.typed_data(), g.typed_data(),
+                      partial[t - 1].data(), std::cref(s), rows * t / count,
+                      rows * (t + 1) / count);
+  }
+  AccumulateRows(x.typed_data(), g.typed_data(), out, s, 0, rows / count);
+  for (auto& thread : pool) thread.join();
+  for (const auto& part : partial) {
+    for (int64_t j = 0; j < size; ++j) out[j] += part[j];
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FcnJaxConvFilterGradient, ConvFilterGradientImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("pad_h")
+                                  .Attr<int64_t>("pad_w")
+                                  .Attr<int64_t>("threads"));

@@ -1,0 +1,165 @@
+"""The CPU filter-gradient kernel equals autodiff of the plain convolution.
+
+dW[a, b, i, o] = sum_{n,h,w} x[n, h + a - pad_h, w + b - pad_w, i] g[n, h, w, o]
+is the gradient of sum(g * conv(x, W)); the kernel computes it directly, so
+every conv it serves must give the gradients XLA's autodiff gives (up to the
+order of float32 sums: measured within 1e-6 of the largest entry).
+"""
+
+import logging
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import REPO_ROOT
+from PIL import Image
+
+from fcn_jax import cpu_kernels
+from fcn_jax.models import UNet, conv_gradient, create_model
+
+_KERNEL_CALL = "fcn_jax_conv_filter_gradient"
+
+
+def _grads(features, kernel_size, padding, x, conv_fn, **conv_args):
+    conv = nn.Conv(
+        features,
+        kernel_size,
+        padding=padding,
+        conv_general_dilated=conv_fn,
+        **conv_args,
+    )
+    variables = conv.init(jax.random.key(1), x)
+
+    def loss(variables, x):
+        return jnp.sum(jnp.sin(conv.apply(variables, x)))
+
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1)))
+    return grad(variables, x), jax.jit(grad).lower(variables, x).as_text()
+
+
+@pytest.mark.parametrize(
+    "shape, kernel_size, padding, features",
+    [
+        ((2, 20, 24, 3), (3, 3), "SAME", 16),
+        ((2, 20, 24, 20), (3, 3), "SAME", 48),
+        ((3, 19, 13, 17), (5, 3), "VALID", 32),
+        ((2, 17, 9, 16), (2, 2), "SAME", 16),
+        ((1, 8, 8, 40), (1, 1), "SAME", 16),
+        ((2, 40, 7), (3,), "SAME", 48),
+        ((2, 40, 33), (5,), "VALID", 16),
+    ],
+    ids=str,
+)
+def test_direct_filter_gradient_equals_autodiff(shape, kernel_size, padding, features):
+    x = jax.random.normal(jax.random.key(0), shape)
+    (expected, expected_dx), _ = _grads(features, kernel_size, padding, x, None)
+    (got, got_dx), lowered = _grads(
+        features, kernel_size, padding, x, conv_gradient.conv_general_dilated
+    )
+    assert _KERNEL_CALL in lowered
+    dw, expected_dw = got["params"]["kernel"], expected["params"]["kernel"]
+    scale = float(jnp.max(jnp.abs(expected_dw)))
+    np.testing.assert_allclose(dw, expected_dw, rtol=0, atol=2e-6 * scale)
+    np.testing.assert_array_equal(got["params"]["bias"], expected["params"]["bias"])
+    np.testing.assert_array_equal(got_dx, expected_dx)
+
+
+@pytest.mark.parametrize(
+    "features, conv_args, dtype",
+    [
+        (8, {}, jnp.float32),  # Output channels not a multiple of 16.
+        (16, {"strides": (2, 2)}, jnp.float32),
+        (16, {"kernel_dilation": (2, 2)}, jnp.float32),
+        (16, {"feature_group_count": 4}, jnp.float32),
+        (16, {}, jnp.bfloat16),
+    ],
+    ids=str,
+)
+def test_other_convs_keep_xla_gradients(features, conv_args, dtype):
+    x = jax.random.normal(jax.random.key(0), (2, 12, 10, 16), dtype)
+    conv_args = {**conv_args, "dtype": dtype}
+    (expected, _), _ = _grads(features, (3, 3), "SAME", x, None, **conv_args)
+    (got, _), lowered = _grads(
+        features, (3, 3), "SAME", x, conv_gradient.conv_general_dilated, **conv_args
+    )
+    assert _KERNEL_CALL not in lowered
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_unet_gradients_on_an_em_image_equal_xla():
+    """Every conv block of a U-Net on a real ISBI-2012 crop, loss and all."""
+    path = REPO_ROOT / "fcn_jax" / "data" / "isbi2012_membrane" / "image" / "3.png"
+    image = np.asarray(Image.open(path), np.float32)[:64, :96] / 255.0
+    images = jnp.asarray(np.stack([image, image[::-1]])[..., None] - 0.5)
+    labels = (images[..., 0] > 0).astype(jnp.int32)
+
+    def loss_and_grads(choice):
+        model = UNet(2, depth=3, base_width=16, conv_filter_gradient=choice)
+        variables = model.init(jax.random.key(0), images, train=False)
+
+        def loss(params):
+            logits, _ = model.apply(
+                {"params": params, "batch_stats": variables["batch_stats"]},
+                images,
+                train=True,
+                mutable=["batch_stats"],
+            )
+            one_hot = jax.nn.one_hot(labels, 2)
+            return -jnp.mean(jnp.sum(one_hot * jax.nn.log_softmax(logits), -1))
+
+        return jax.jit(jax.value_and_grad(loss))(variables["params"])
+
+    loss, grads = loss_and_grads("xla")
+    direct_loss, direct_grads = loss_and_grads("direct")
+    np.testing.assert_array_equal(direct_loss, loss)
+    for path, a, b in zip(
+        jax.tree_util.tree_leaves_with_path(grads),
+        jax.tree.leaves(direct_grads),
+        jax.tree.leaves(grads),
+    ):
+        scale = float(jnp.max(jnp.abs(b)))
+        np.testing.assert_allclose(
+            a, b, rtol=0, atol=1e-5 * scale, err_msg=str(path[0])
+        )
+
+
+def test_auto_uses_the_kernel_on_one_cpu_and_xla_when_it_cannot_build(
+    monkeypatch, caplog
+):
+    config = {"name": "unet", "num_classes": 2, "conv_filter_gradient": "auto"}
+    single_cpu = jax.default_backend() == "cpu" and jax.device_count() == 1
+    assert create_model(config).conv_filter_gradient == (
+        "direct" if single_cpu else "xla"
+    )
+
+    def fail():
+        raise cpu_kernels.KernelUnavailableError("no C++ compiler found")
+
+    monkeypatch.setattr(cpu_kernels, "load", fail)
+    with caplog.at_level(logging.WARNING):
+        assert create_model(config).conv_filter_gradient == "xla"
+    if single_cpu:
+        assert "no C++ compiler found" in caplog.text
+    with pytest.raises(cpu_kernels.KernelUnavailableError, match="compiler"):
+        create_model({**config, "conv_filter_gradient": "direct"})
+
+
+def test_library_is_built_once_per_source_and_fails_clearly_without_compiler(
+    monkeypatch, tmp_path
+):
+    monkeypatch.setenv(cpu_kernels.CACHE_ENV, str(tmp_path))
+    built = cpu_kernels.library_path()
+    assert built.parent == tmp_path and built.exists()
+    mtime = os.stat(built).st_mtime_ns
+    assert cpu_kernels.library_path() == built
+    assert os.stat(built).st_mtime_ns == mtime  # Not rebuilt.
+    assert [p.name for p in tmp_path.iterdir()] == [built.name]  # No leftovers.
+
+    monkeypatch.setenv("CXX", "")
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(cpu_kernels.KernelUnavailableError, match="no C\\+\\+ compiler"):
+        cpu_kernels.library_path()
