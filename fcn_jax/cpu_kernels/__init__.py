@@ -111,15 +111,6 @@ def load() -> None:
     )
 
 
-def available() -> bool:
-    """Whether the kernels build and load here (False, not an error, if not)."""
-    try:
-        load()
-    except (KernelUnavailableError, OSError):
-        return False
-    return True
-
-
 def _threads() -> int:
     try:
         return len(os.sched_getaffinity(0))
@@ -130,7 +121,9 @@ def _threads() -> int:
 def conv_filter_gradient(
     x: jax.Array, g: jax.Array, kernel_size: tuple[int, int], pads: tuple[int, int]
 ) -> jax.Array:
-    """dw[a, b, i, o] = sum_{n,h,w} x[n, h + a - pads[0], w + b - pads[1], i] g[n, h, w, o].
+    """The filter gradient of a stride-1 2D conv, channels last:
+
+    dw[a, b, i, o] = sum_{n,h,w} x[n, h + a - pads[0], w + b - pads[1], i] g[n, h, w, o]
 
     Args:
       x: conv input [N, Hx, Wx, Ci], float32.
