@@ -27,49 +27,63 @@ namespace {
 typedef float Vec16 __attribute__((vector_size(64)));
 typedef float UnalignedVec16 __attribute__((vector_size(64), aligned(4)));
 
-// Input channels per register block: 16 accumulators use 16 of AVX-512's 32
-// registers; with AVX2 a Vec16 takes two of 16 registers.
+// Accumulators per register block (input channels x 16-wide output vectors):
+// 16 of AVX-512's 32 registers; with AVX2 a Vec16 takes two of 16 registers.
 #ifdef __AVX512F__
-constexpr int kChannelBlock = 16;
+constexpr int kAccumulators = 16;
 #else
-constexpr int kChannelBlock = 6;
+constexpr int kAccumulators = 6;
 #endif
 
 struct Geometry {
   int64_t n, x_h, x_w, g_h, g_w, ci, co, k_h, k_w, pad_h, pad_w;
 };
 
-// dw_block[c, 0:16] += sum_{w in [w_lo, w_hi)} x_row[w + shift, c] g_row[w, 0:16]
-template <int kBlock>
+// dw_block[c, 0:16 kVecs] += sum_{w in [w_lo, w_hi)} x_row[w + shift, c] g_row[w, 0:16 kVecs]
+// Per pixel: kVecs loads of g and kBlock broadcasts of x feed kBlock * kVecs
+// FMAs, so wider output blocks need fewer loads per FMA.
+template <int kBlock, int kVecs>
 void AccumulateBlock(const float* x_row, const float* g_row, float* dw_block,
                      int64_t w_lo, int64_t w_hi, int64_t shift, int64_t ci,
                      int64_t co) {
-  Vec16 acc[kBlock];
-  for (int c = 0; c < kBlock; ++c) acc[c] = Vec16{};
+  Vec16 acc[kBlock][kVecs];
+  for (int c = 0; c < kBlock; ++c)
+    for (int v = 0; v < kVecs; ++v) acc[c][v] = Vec16{};
   for (int64_t w = w_lo; w < w_hi; ++w) {
-    const Vec16 g = *reinterpret_cast<const UnalignedVec16*>(g_row + w * co);
+    Vec16 g[kVecs];
+    for (int v = 0; v < kVecs; ++v)
+      g[v] = *reinterpret_cast<const UnalignedVec16*>(g_row + w * co + 16 * v);
     const float* x = x_row + (w + shift) * ci;
-    for (int c = 0; c < kBlock; ++c) acc[c] += x[c] * g;
+    for (int c = 0; c < kBlock; ++c)
+      for (int v = 0; v < kVecs; ++v) acc[c][v] += x[c] * g[v];
   }
-  for (int c = 0; c < kBlock; ++c) {
-    *reinterpret_cast<UnalignedVec16*>(dw_block + c * co) += acc[c];
-  }
+  for (int c = 0; c < kBlock; ++c)
+    for (int v = 0; v < kVecs; ++v)
+      *reinterpret_cast<UnalignedVec16*>(dw_block + c * co + 16 * v) += acc[c][v];
 }
 
 using BlockFn = void (*)(const float*, const float*, float*, int64_t, int64_t,
                          int64_t, int64_t, int64_t);
 
-template <int... kBlocks>
+// kBlockFns<kVecs>[b - 1] handles a block of b input channels.
+template <int kVecs, int... kBlocks>
 constexpr std::array<BlockFn, sizeof...(kBlocks)> MakeBlockFns(
     std::integer_sequence<int, kBlocks...>) {
-  return {AccumulateBlock<kBlocks + 1>...};
+  return {AccumulateBlock<kBlocks + 1, kVecs>...};
 }
 
-constexpr auto kBlockFns =
-    MakeBlockFns(std::make_integer_sequence<int, kChannelBlock>{});
+template <int kVecs>
+constexpr auto kBlockFns = MakeBlockFns<kVecs>(
+    std::make_integer_sequence<int, kAccumulators / kVecs>{});
 
 void AccumulateRows(const float* x, const float* g, float* dw,
                     const Geometry& s, int64_t row_lo, int64_t row_hi) {
+  // As many 16-wide output vectors per block as divide Co, up to 4 (2 for AVX2).
+  const int vecs = s.co % 64 == 0 && kAccumulators >= 16 ? 4 : s.co % 32 == 0 ? 2 : 1;
+  const BlockFn* block_fns = vecs == 4   ? kBlockFns<4>.data()
+                             : vecs == 2 ? kBlockFns<2>.data()
+                                         : kBlockFns<1>.data();
+  const int64_t channel_block = kAccumulators / vecs;
   for (int64_t r = row_lo; r < row_hi; ++r) {
     const int64_t n = r / s.g_h, h = r % s.g_h;
     const float* g_row = g + (n * s.g_h + h) * s.g_w * s.co;
@@ -82,10 +96,10 @@ void AccumulateRows(const float* x, const float* g, float* dw,
         const int64_t w_lo = std::max<int64_t>(0, -shift);
         const int64_t w_hi = std::min<int64_t>(s.g_w, s.x_w - shift);
         if (w_lo >= w_hi) continue;
-        for (int64_t c0 = 0; c0 < s.ci; c0 += kChannelBlock) {
-          const int64_t block = std::min<int64_t>(kChannelBlock, s.ci - c0);
-          const BlockFn fn = kBlockFns[block - 1];
-          for (int64_t o0 = 0; o0 < s.co; o0 += 16) {
+        for (int64_t c0 = 0; c0 < s.ci; c0 += channel_block) {
+          const int64_t block = std::min<int64_t>(channel_block, s.ci - c0);
+          const BlockFn fn = block_fns[block - 1];
+          for (int64_t o0 = 0; o0 < s.co; o0 += 16 * vecs) {
             float* dw_block = dw + ((a * s.k_w + b) * s.ci + c0) * s.co + o0;
             fn(x_row + c0, g_row + o0, dw_block, w_lo, w_hi, shift, s.ci,
                s.co);
