@@ -80,6 +80,11 @@ def lowered_flops(lowered) -> float:
     return float((analysis or {}).get("flops", float("nan")))
 
 
+def allocator() -> str:
+    """'jemalloc' where it is preloaded (as the Makefile does), else 'libc'."""
+    return "jemalloc" if "jemalloc" in os.environ.get("LD_PRELOAD", "") else "libc"
+
+
 def peak_memory_gb() -> float:
     """Peak resident memory of this process so far (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20

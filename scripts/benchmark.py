@@ -122,6 +122,7 @@ def main(argv: list[str]) -> None:
     result.update(
         name=_NAME.value,
         device=benchmark.device_description(),
+        allocator=benchmark.allocator(),
         batch_size=batch_size,
         input_size=list(spatial),
         matmul_peak_gflop_per_s=peak / 1e9,

@@ -90,6 +90,13 @@ def test_cpu_device_description_names_the_model_cores_and_avx512(tmp_path):
     assert "(unknown model, " in benchmark.device_description(str(tmp_path / "none"))
 
 
+def test_allocator_names_a_preloaded_jemalloc(monkeypatch):
+    monkeypatch.setenv("LD_PRELOAD", "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2")
+    assert benchmark.allocator() == "jemalloc"
+    monkeypatch.delenv("LD_PRELOAD")
+    assert benchmark.allocator() == "libc"
+
+
 def test_lowered_flops_counts_a_matmul_and_is_nan_without_an_analysis():
     a = jnp.ones((32, 48))
     b = jnp.ones((48, 16))

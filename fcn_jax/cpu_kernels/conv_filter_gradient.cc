@@ -5,7 +5,7 @@
 // x: [N, Hx, Wx, Ci], g: [N, Hg, Wg, Co] (the cotangent of the conv output),
 // dw: [KH, KW, Ci, Co]; terms whose x index falls outside x are zero padding.
 // Co must be a multiple of 16. For every output row the accumulators of a
-// block of input channels times 16 output channels stay in registers while
+// block of input channels times 16, 32 or 64 output channels stay in registers while
 // the row streams through once per kernel offset, so x and g are read from
 // memory about once. Rows are split among `threads` threads, each summing
 // into its own dw, added at the end.
