@@ -11,7 +11,8 @@ CONFIG ?= configs/unet.py
 # jemalloc, where installed (Debian/Ubuntu: apt install libjemalloc2), keeping
 # freed pages: XLA:CPU allocates each step's scratch afresh and glibc hands it
 # back to the kernel, so every step faults it in again (~14% of the
-# configs/unet.py step on 2 cores; see README, Performance). JEMALLOC= disables.
+# configs/unet.py step on 2 cores; see README, Performance), at the cost of
+# holding the process's peak memory. JEMALLOC= disables.
 comma := ,
 JEMALLOC ?= $(firstword $(wildcard /usr/lib/*/libjemalloc.so.2 /usr/lib64/libjemalloc.so.2))
 FAST_MALLOC := $(if $(JEMALLOC),LD_PRELOAD=$(JEMALLOC) MALLOC_CONF=dirty_decay_ms:-1$(comma)muzzy_decay_ms:-1)
@@ -43,8 +44,10 @@ test: lint
 test-long: $(STAMP)
 	$(BIN)/python -m pytest -q -m long tests
 
-# Regenerates README.md's performance table (about 15 minutes on 2 CPU cores).
-BENCH := $(FAST_MALLOC) $(BIN)/python scripts/benchmark.py --config=configs/unet.py \
+# Regenerates README.md's performance table (about 6 minutes on 2 CPU cores),
+# with the C library's malloc like the PyTorch figures it compares with
+# (LD_PRELOAD=<libjemalloc.so.2> make benchmark times both sides with jemalloc).
+BENCH := $(BIN)/python scripts/benchmark.py --config=configs/unet.py \
 	--workdir=runs/benchmark --readme=README.md
 RGB := --config.data.mean=0.5,0.5,0.5 --config.data.std=0.25,0.25,0.25 \
 	--config.data.convert_grayscale=True \
