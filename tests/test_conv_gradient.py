@@ -8,6 +8,9 @@ order of float32 sums: measured within 1e-6 of the largest entry).
 
 import logging
 import os
+import platform
+import subprocess
+import sys
 
 import flax.linen as nn
 import jax
@@ -165,3 +168,46 @@ def test_library_is_built_once_per_source_and_fails_clearly_without_compiler(
     monkeypatch.setenv("PATH", str(tmp_path))
     with pytest.raises(cpu_kernels.KernelUnavailableError, match="no C\\+\\+ compiler"):
         cpu_kernels.library_path()
+
+
+_AVX2_CHECK = """
+from fcn_jax import cpu_flags
+cpu_flags.configure()
+import jax, jax.numpy as jnp
+import flax.linen as nn
+from fcn_jax.models import conv_gradient
+errors = []
+for shape, features in [((2, 20, 24, 20), 16), ((2, 12, 10, 10), 32), ((2, 9, 11, 6), 64)]:
+    x = jax.random.normal(jax.random.key(0), shape)
+    kernels = []
+    for fn in (None, conv_gradient.conv_general_dilated):
+        conv = nn.Conv(features, (3, 3), conv_general_dilated=fn)
+        variables = conv.init(jax.random.key(1), x)
+        grad = jax.grad(lambda v: jnp.sum(jnp.sin(conv.apply(v, x))))(variables)
+        kernels.append(grad["params"]["kernel"])
+    errors.append(float(jnp.max(jnp.abs(kernels[1] - kernels[0]) / jnp.max(jnp.abs(kernels[0])))))
+print(max(errors))
+"""
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="an x86-64 target")
+def test_avx2_build_equals_autodiff(tmp_path):
+    """The 8-lane (AVX2) build, which AVX-512 machines do not run by default."""
+    env = {
+        **os.environ,
+        cpu_kernels.CACHE_ENV: str(tmp_path),
+        cpu_kernels.MARCH_ENV: "haswell",
+        "PYTHONPATH": str(REPO_ROOT),
+    }
+    result = subprocess.run(
+        [sys.executable, "-c", _AVX2_CHECK],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert float(result.stdout.split()[-1]) < 2e-6
+    (built,) = tmp_path.iterdir()
+    assert built.suffix == ".so"

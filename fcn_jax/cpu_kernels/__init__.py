@@ -3,7 +3,8 @@
 `conv_filter_gradient` computes the filter gradient of a stride-1 2D
 convolution (see conv_filter_gradient.cc) several times faster than XLA:CPU's
 own lowering. The library is built with the machine's C++ compiler ($CXX, else
-g++ or c++) for this CPU (-march=native) into a cache directory
+g++ or c++) for this CPU (-march=native; $FCN_JAX_KERNEL_MARCH names another
+target, e.g. haswell for AVX2 machines) into a cache directory
 ($FCN_JAX_KERNEL_CACHE, else ~/.cache/fcn_jax/cpu_kernels), keyed by the
 source, the flags, the compiler, jaxlib and the CPU, so each machine builds it
 once (about 2 s).
@@ -25,7 +26,8 @@ import numpy as np
 
 SOURCE = Path(__file__).with_name("conv_filter_gradient.cc")
 CACHE_ENV = "FCN_JAX_KERNEL_CACHE"
-FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
+MARCH_ENV = "FCN_JAX_KERNEL_MARCH"
+FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-w")
 _TARGET = "fcn_jax_conv_filter_gradient"
 
 
@@ -56,6 +58,7 @@ def _cpu_features() -> str:
 def library_path() -> Path:
     """Where this machine's build of the library lives (built if missing)."""
     compiler = _compiler()
+    flags = (*FLAGS, f"-march={os.environ.get(MARCH_ENV) or 'native'}")
     version = subprocess.run(
         [compiler, "--version"], capture_output=True, text=True, check=False
     ).stdout
@@ -63,7 +66,7 @@ def library_path() -> Path:
         "\n".join(
             [
                 SOURCE.read_text(),
-                " ".join(FLAGS),
+                " ".join(flags),
                 version,
                 jax.__version__,
                 platform.machine(),
@@ -84,7 +87,7 @@ def library_path() -> Path:
         partial = Path(tmp.name)
     command = [
         compiler,
-        *FLAGS,
+        *flags,
         f"-I{jax.ffi.include_dir()}",
         "-o",
         str(partial),

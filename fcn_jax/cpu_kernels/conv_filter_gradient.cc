@@ -5,7 +5,7 @@
 // x: [N, Hx, Wx, Ci], g: [N, Hg, Wg, Co] (the cotangent of the conv output),
 // dw: [KH, KW, Ci, Co]; terms whose x index falls outside x are zero padding.
 // Co must be a multiple of 16. For every output row the accumulators of a
-// block of input channels times 16, 32 or 64 output channels stay in registers while
+// block of input channels times 1, 2 or 4 registers of output channels stay in registers while
 // the row streams through once per kernel offset, so x and g are read from
 // memory about once. Rows are split among `threads` threads, each summing
 // into its own dw, added at the end.
@@ -24,42 +24,45 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-typedef float Vec16 __attribute__((vector_size(64)));
-typedef float UnalignedVec16 __attribute__((vector_size(64), aligned(4)));
-
-// Accumulators per register block (input channels x 16-wide output vectors):
-// 16 of AVX-512's 32 registers; with AVX2 a Vec16 takes two of 16 registers.
+// One register of floats: 16 lanes with AVX-512 (32 registers), else 8 (AVX2,
+// 16 registers). A register block holds kAccumulators of them.
 #ifdef __AVX512F__
+#define FCN_JAX_LANES 16
 constexpr int kAccumulators = 16;
 #else
-constexpr int kAccumulators = 6;
+#define FCN_JAX_LANES 8
+constexpr int kAccumulators = 12;
 #endif
+constexpr int kLanes = FCN_JAX_LANES;
+typedef float Vec __attribute__((vector_size(FCN_JAX_LANES * 4)));
+typedef float UnalignedVec
+    __attribute__((vector_size(FCN_JAX_LANES * 4), aligned(4)));
 
 struct Geometry {
   int64_t n, x_h, x_w, g_h, g_w, ci, co, k_h, k_w, pad_h, pad_w;
 };
 
-// dw_block[c, 0:16 kVecs] += sum_{w in [w_lo, w_hi)} x_row[w + shift, c] g_row[w, 0:16 kVecs]
+// dw_block[c, 0:kLanes kVecs] += sum_{w in [w_lo, w_hi)} x_row[w + shift, c] g_row[w, 0:kLanes kVecs]
 // Per pixel: kVecs loads of g and kBlock broadcasts of x feed kBlock * kVecs
 // FMAs, so wider output blocks need fewer loads per FMA.
 template <int kBlock, int kVecs>
 void AccumulateBlock(const float* x_row, const float* g_row, float* dw_block,
                      int64_t w_lo, int64_t w_hi, int64_t shift, int64_t ci,
                      int64_t co) {
-  Vec16 acc[kBlock][kVecs];
+  Vec acc[kBlock][kVecs];
   for (int c = 0; c < kBlock; ++c)
-    for (int v = 0; v < kVecs; ++v) acc[c][v] = Vec16{};
+    for (int v = 0; v < kVecs; ++v) acc[c][v] = Vec{};
   for (int64_t w = w_lo; w < w_hi; ++w) {
-    Vec16 g[kVecs];
+    Vec g[kVecs];
     for (int v = 0; v < kVecs; ++v)
-      g[v] = *reinterpret_cast<const UnalignedVec16*>(g_row + w * co + 16 * v);
+      g[v] = *reinterpret_cast<const UnalignedVec*>(g_row + w * co + kLanes * v);
     const float* x = x_row + (w + shift) * ci;
     for (int c = 0; c < kBlock; ++c)
       for (int v = 0; v < kVecs; ++v) acc[c][v] += x[c] * g[v];
   }
   for (int c = 0; c < kBlock; ++c)
     for (int v = 0; v < kVecs; ++v)
-      *reinterpret_cast<UnalignedVec16*>(dw_block + c * co + 16 * v) += acc[c][v];
+      *reinterpret_cast<UnalignedVec*>(dw_block + c * co + kLanes * v) += acc[c][v];
 }
 
 using BlockFn = void (*)(const float*, const float*, float*, int64_t, int64_t,
@@ -78,8 +81,10 @@ constexpr auto kBlockFns = MakeBlockFns<kVecs>(
 
 void AccumulateRows(const float* x, const float* g, float* dw,
                     const Geometry& s, int64_t row_lo, int64_t row_hi) {
-  // As many 16-wide output vectors per block as divide Co, up to 4 (2 for AVX2).
-  const int vecs = s.co % 64 == 0 && kAccumulators >= 16 ? 4 : s.co % 32 == 0 ? 2 : 1;
+  // As many output registers per block as divide Co, up to 4.
+  const int vecs = s.co % (4 * kLanes) == 0   ? 4
+                   : s.co % (2 * kLanes) == 0 ? 2
+                                              : 1;
   const BlockFn* block_fns = vecs == 4   ? kBlockFns<4>.data()
                              : vecs == 2 ? kBlockFns<2>.data()
                                          : kBlockFns<1>.data();
@@ -99,7 +104,7 @@ void AccumulateRows(const float* x, const float* g, float* dw,
         for (int64_t c0 = 0; c0 < s.ci; c0 += channel_block) {
           const int64_t block = std::min<int64_t>(channel_block, s.ci - c0);
           const BlockFn fn = block_fns[block - 1];
-          for (int64_t o0 = 0; o0 < s.co; o0 += 16 * vecs) {
+          for (int64_t o0 = 0; o0 < s.co; o0 += kLanes * vecs) {
             float* dw_block = dw + ((a * s.k_w + b) * s.ci + c0) * s.co + o0;
             fn(x_row + c0, g_row + o0, dw_block, w_lo, w_hi, shift, s.ci,
                s.co);
