@@ -37,8 +37,9 @@ class KernelUnavailableError(RuntimeError):
 
 def _compiler() -> str:
     for name in (os.environ.get("CXX"), "g++", "c++"):
-        if name and shutil.which(name):
-            return shutil.which(name)
+        path = shutil.which(name) if name else None
+        if path:
+            return path
     raise KernelUnavailableError(
         "no C++ compiler found ($CXX, g++ or c++) to build the CPU kernels."
     )
