@@ -8,14 +8,15 @@ CONFIG ?= configs/unet.py
 
 .PHONY: train test test-long lint format benchmark benchmark-accelerator clean-venv
 
-# jemalloc, where installed (Debian/Ubuntu: apt install libjemalloc2), keeping
-# freed pages: XLA:CPU allocates each step's scratch afresh and glibc hands it
-# back to the kernel, so every step faults it in again (~14% of the
-# configs/unet.py step on 2 cores; see README, Performance), at the cost of
-# holding the process's peak memory. JEMALLOC= disables.
+# XLA:CPU allocates each step's scratch afresh and glibc hands it back to the
+# kernel, so every step faults it in again (~10% of the configs/unet.py step on
+# 2 cores; see README, Performance). make train keeps it cheap: jemalloc where
+# installed (Debian/Ubuntu: apt install libjemalloc2), keeping freed pages;
+# else glibc's malloc backing large blocks with transparent huge pages (glibc
+# >= 2.35; older ones ignore the setting). JEMALLOC= skips jemalloc.
 comma := ,
 JEMALLOC ?= $(firstword $(wildcard /usr/lib/*/libjemalloc.so.2 /usr/lib64/libjemalloc.so.2))
-FAST_MALLOC := $(if $(JEMALLOC),LD_PRELOAD=$(JEMALLOC) MALLOC_CONF=dirty_decay_ms:-1$(comma)muzzy_decay_ms:-1)
+FAST_MALLOC := $(if $(JEMALLOC),LD_PRELOAD=$(JEMALLOC) MALLOC_CONF=dirty_decay_ms:-1$(comma)muzzy_decay_ms:-1,GLIBC_TUNABLES=glibc.malloc.hugetlb=1)
 
 $(STAMP): requirements.lock pyproject.toml
 	$(PYTHON) -m venv $(VENV)

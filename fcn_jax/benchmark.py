@@ -81,8 +81,19 @@ def lowered_flops(lowered) -> float:
 
 
 def allocator() -> str:
-    """'jemalloc' where it is preloaded (as the Makefile does), else 'libc'."""
-    return "jemalloc" if "jemalloc" in os.environ.get("LD_PRELOAD", "") else "libc"
+    """'jemalloc' where it is preloaded; 'libc+hugepages' where glibc's malloc
+    backs its large blocks with transparent huge pages (GLIBC_TUNABLES
+    glibc.malloc.hugetlb=1 or 2, as `make train` sets); else 'libc'."""
+    if "jemalloc" in os.environ.get("LD_PRELOAD", ""):
+        return "jemalloc"
+    tunables = dict(
+        item.split("=", 1)
+        for item in os.environ.get("GLIBC_TUNABLES", "").split(":")
+        if "=" in item
+    )
+    if tunables.get("glibc.malloc.hugetlb") in ("1", "2"):
+        return "libc+hugepages"
+    return "libc"
 
 
 def peak_memory_gb() -> float:

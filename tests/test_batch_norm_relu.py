@@ -9,8 +9,8 @@ import pytest
 from fcn_jax.models import create_model
 from fcn_jax.models.batch_norm_relu import (
     BatchNormReLU,
-    _per_channel_sum,
     batch_norm_relu,
+    per_channel_sum,
 )
 from fcn_jax.models.layers import ConvBlock
 
@@ -81,8 +81,8 @@ def test_per_channel_sums_of_millions_of_values_are_as_accurate_as_pairwise(shap
     x = np.random.default_rng(0).normal(0.7, 2.0, size=shape).astype(np.float32)
     exact = x.astype(np.float64).reshape(-1, shape[-1]).sum(axis=0)
     exact_sq = (x.astype(np.float64) ** 2).reshape(-1, shape[-1]).sum(axis=0)
-    got = jax.jit(_per_channel_sum)(x)
-    got_sq = jax.jit(lambda x: _per_channel_sum(x * x))(x)
+    got = jax.jit(per_channel_sum)(x)
+    got_sq = jax.jit(lambda x: per_channel_sum(x * x))(x)
     np.testing.assert_allclose(got, exact, rtol=1e-6)
     np.testing.assert_allclose(got_sq, exact_sq, rtol=1e-6)
 

@@ -96,7 +96,7 @@ def test_other_convs_keep_xla_gradients(features, conv_args, dtype):
 
 
 def test_unet_gradients_on_an_em_image_equal_xla():
-    """Every conv block of a U-Net on a real ISBI-2012 crop, loss and all."""
+    """Every conv block and up-conv of a U-Net on a real ISBI-2012 crop, loss and all."""
     path = REPO_ROOT / "fcn_jax" / "data" / "isbi2012_membrane" / "image" / "3.png"
     image = np.asarray(Image.open(path), np.float32)[:64, :96] / 255.0
     images = jnp.asarray(np.stack([image, image[::-1]])[..., None] - 0.5)
@@ -127,8 +127,12 @@ def test_unet_gradients_on_an_em_image_equal_xla():
         jax.tree.leaves(grads),
     ):
         scale = float(jnp.max(jnp.abs(b)))
+        # An up-conv's bias gradient sums the cotangent over every output pixel
+        # with heavy cancellation: both float32 orders are ~1e-5 of the scale
+        # from a float64 reference (measured 1.1e-5 direct, 1.3e-5 XLA).
+        up_bias = "up_" in str(path[0]) and "bias" in str(path[0])
         np.testing.assert_allclose(
-            a, b, rtol=0, atol=1e-5 * scale, err_msg=str(path[0])
+            a, b, rtol=0, atol=(1e-4 if up_bias else 1e-5) * scale, err_msg=str(path[0])
         )
 
 

@@ -25,7 +25,7 @@ from flax.typing import Dtype
 from jax import lax
 
 
-def _per_channel_sum(a: jax.Array) -> jax.Array:
+def per_channel_sum(a: jax.Array) -> jax.Array:
     """Sum of a [B, *S, C] over all axes but the last -> [C], in a's dtype.
 
     A vector-matrix product over the leading axes, then a reduction of the small
@@ -44,7 +44,7 @@ def _per_channel_sum(a: jax.Array) -> jax.Array:
 
 
 def _per_channel_sums(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
-    return _per_channel_sum(a), _per_channel_sum(b)
+    return per_channel_sum(a), per_channel_sum(b)
 
 
 def _forward(x, scale, bias, epsilon):

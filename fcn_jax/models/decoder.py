@@ -67,6 +67,7 @@ class Decoder(nn.Module):
                 stride=self.up_stride,
                 padding=self.up_padding,
                 output_padding=self.up_output_padding,
+                conv_filter_gradient=self.conv_filter_gradient,
                 dtype=self.dtype,
                 param_dtype=self.param_dtype,
                 name=f"up_{level}",

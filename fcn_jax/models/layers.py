@@ -17,6 +17,10 @@ from fcn_jax.models import conv_gradient
 from fcn_jax.models.batch_norm_relu import BatchNormReLU
 from fcn_jax.models.pooling import max_pool_argmax_gradient
 from fcn_jax.models.sizes import transposed_conv_output_size
+from fcn_jax.models.transposed_conv_gradient import (
+    disjoint_transposed_conv,
+    disjoint_transposed_conv_direct,
+)
 
 NORMS = ("batch", "group", "none")
 PADDINGS = ("SAME", "VALID")
@@ -248,32 +252,6 @@ def _dimension_numbers(rank: int) -> tuple[str, str, str]:
     return f"N{spatial}C", f"{spatial}IO", f"N{spatial}C"
 
 
-def _transposed_conv_patches(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    """Transposed conv with kernel == stride, padding 0: every input pixel owns
-    one disjoint output patch, so it is a product and an interleaving.
-
-    One product per offset along the leading spatial axes, each giving
-    [B, *S, k_last, features], already in output memory order; stacking them
-    interleaves whole rows. A single einsum over all offsets needs transposes
-    of the activation in the forward and both gradients (on a 2-core CPU,
-    configs/unet.py: train step 3% and inference 7% slower).
-    """
-    rank = x.ndim - 2
-    product = f"n{'xyz'[:rank]}c,qco->n{'xyz'[:rank]}qo"
-
-    def patches(kernel_part: jax.Array) -> jax.Array:
-        # kernel_part [*k_lead, k_last, C, F] -> [B, S_0, .., k_lead_0, S_j, .., F]
-        if kernel_part.ndim == 3:
-            return jnp.einsum(product, x, kernel_part)
-        # The offset along spatial axis j goes right after that axis.
-        j = rank - (kernel_part.ndim - 2)
-        return jnp.stack([patches(k) for k in kernel_part], axis=j + 2)
-
-    y = patches(kernel)
-    out_spatial = [n * k for n, k in zip(x.shape[1:-1], kernel.shape[:rank])]
-    return y.reshape(x.shape[0], *out_spatial, kernel.shape[-1])
-
-
 def _transposed_conv_general(
     x: jax.Array, kernel: jax.Array, stride: int, padding: int, output_padding: int
 ) -> jax.Array:
@@ -297,6 +275,9 @@ class TransposedConv(nn.Module):
     S' = stride * (S - 1) + kernel_size - 2 * padding + output_padding. Input
     pixel i adds x[i] * kernel[a] to output pixel stride * i + a - padding.
     Params: 'kernel' [*k, C, features] and 'bias' [features], whichever path runs.
+    With kernel_size == stride and no padding it runs as products
+    (`disjoint_transposed_conv`); `conv_filter_gradient='direct'` then
+    takes the hand-written CPU backward pass of `transposed_conv_gradient`.
     """
 
     features: int
@@ -305,11 +286,15 @@ class TransposedConv(nn.Module):
     padding: int = 0
     output_padding: int = 0
     use_fast_path: bool = True
+    conv_filter_gradient: str = "xla"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
+        _check_choice(
+            "conv_filter_gradient", self.conv_filter_gradient, CONV_FILTER_GRADIENTS
+        )
         rank = _spatial_rank(x)
         for n in x.shape[1:-1]:  # Fails early, with the sizes, on unusable configs.
             transposed_conv_output_size(
@@ -327,13 +312,14 @@ class TransposedConv(nn.Module):
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
         # XLA:CPU lowers a strided transposed conv's kernel grad to a slow dilated conv.
         disjoint = self.kernel_size == self.stride and self.padding == 0
-        if self.use_fast_path and disjoint and self.output_padding == 0:
-            y = _transposed_conv_patches(x, kernel)
-        else:
+        if not (self.use_fast_path and disjoint and self.output_padding == 0):
             y = _transposed_conv_general(
                 x, kernel, self.stride, self.padding, self.output_padding
             )
-        return y + bias
+            return y + bias
+        if self.conv_filter_gradient == "direct":
+            return disjoint_transposed_conv_direct(x, kernel, bias)
+        return disjoint_transposed_conv(x, kernel) + bias
 
 
 class Upsample(nn.Module):
@@ -352,6 +338,7 @@ class Upsample(nn.Module):
     output_padding: int = 0
     interpolation: str = "nearest"
     use_fast_path: bool = True
+    conv_filter_gradient: str = "xla"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -366,6 +353,7 @@ class Upsample(nn.Module):
                 padding=self.padding,
                 output_padding=self.output_padding,
                 use_fast_path=self.use_fast_path,
+                conv_filter_gradient=self.conv_filter_gradient,
                 dtype=self.dtype,
                 param_dtype=self.param_dtype,
                 name="conv_transpose",

@@ -40,7 +40,8 @@ class UNet(nn.Module):
     max_pool_gradient: str = "xla"
     # 'fused': BatchNorm + ReLU as one op with a hand-written gradient (CPU).
     batch_norm_relu: str = "xla"
-    # 'direct': 2D/1D conv filter gradients on a compiled CPU kernel.
+    # 'direct': 2D/1D conv filter gradients and the up-convs' backward pass on a
+    # compiled CPU kernel.
     conv_filter_gradient: str = "xla"
     upsample: str = "transposed_conv"
     up_kernel_size: int = 2
