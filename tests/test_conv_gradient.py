@@ -95,6 +95,30 @@ def test_other_convs_keep_xla_gradients(features, conv_args, dtype):
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize("shape", [(3, 3, 5, 7), (1, 3, 40, 33), (2, 2, 64, 16)])
+def test_flipped_transposed_kernel_equals_flip_and_swap(shape):
+    kernel = jax.random.normal(jax.random.key(0), shape)
+    np.testing.assert_array_equal(
+        jax.jit(cpu_kernels.flipped_transposed_kernel)(kernel),
+        jnp.flip(jnp.swapaxes(kernel, 2, 3), (0, 1)),
+    )
+
+
+def test_wide_convs_on_small_images_keep_xla_filter_gradient():
+    """512 -> 512 channels on 8x8 pixels: XLA's filter gradient (faster
+    there), the input gradient through the flipped kernel; both exact."""
+    x = jax.random.normal(jax.random.key(0), (1, 8, 8, 512))
+    (expected, expected_dx), _ = _grads(512, (3, 3), "SAME", x, None)
+    (got, got_dx), lowered = _grads(
+        512, (3, 3), "SAME", x, conv_gradient.conv_general_dilated
+    )
+    assert _KERNEL_CALL not in lowered
+    assert "fcn_jax_flipped_transposed_kernel" in lowered
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(got_dx, expected_dx)
+
+
 def test_unet_gradients_on_an_em_image_equal_xla():
     """Every conv block and up-conv of a U-Net on a real ISBI-2012 crop, loss and all."""
     path = REPO_ROOT / "fcn_jax" / "data" / "isbi2012_membrane" / "image" / "3.png"

@@ -2,7 +2,8 @@
 
 `conv_filter_gradient` computes the filter gradient of a stride-1 2D
 convolution (see conv_filter_gradient.cc) several times faster than XLA:CPU's
-own lowering. The library is built with the machine's C++ compiler ($CXX, else
+own lowering; `flipped_transposed_kernel` prepares the kernel of its input
+gradient. The library is built with the machine's C++ compiler ($CXX, else
 g++ or c++) for this CPU (-march=native; $FCN_JAX_KERNEL_MARCH names another
 target, e.g. haswell for AVX2 machines) into a cache directory
 ($FCN_JAX_KERNEL_CACHE, else ~/.cache/fcn_jax/cpu_kernels), keyed by the
@@ -29,6 +30,7 @@ CACHE_ENV = "FCN_JAX_KERNEL_CACHE"
 MARCH_ENV = "FCN_JAX_KERNEL_MARCH"
 FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-w")
 _TARGET = "fcn_jax_conv_filter_gradient"
+_FLIP_TARGET = "fcn_jax_flipped_transposed_kernel"
 
 
 class KernelUnavailableError(RuntimeError):
@@ -113,6 +115,11 @@ def load() -> None:
     jax.ffi.register_ffi_target(
         _TARGET, jax.ffi.pycapsule(library.FcnJaxConvFilterGradient), platform="cpu"
     )
+    jax.ffi.register_ffi_target(
+        _FLIP_TARGET,
+        jax.ffi.pycapsule(library.FcnJaxFlippedTransposedKernel),
+        platform="cpu",
+    )
 
 
 def _threads() -> int:
@@ -148,3 +155,14 @@ def conv_filter_gradient(
         pad_w=np.int64(pads[1]),
         threads=np.int64(_threads()),
     )
+
+
+def flipped_transposed_kernel(kernel: jax.Array) -> jax.Array:
+    """kernel [KH, KW, Ci, Co] float32 -> [KH, KW, Co, Ci], reversed in both
+    spatial axes: the kernel whose stride-1 conv of an output cotangent is the
+    input gradient. `jnp.flip(jnp.swapaxes(kernel, 2, 3), (0, 1))`, copied in
+    tiles (XLA:CPU's own copy of a [3, 3, 1024, 1024] kernel takes ~70 ms)."""
+    load()
+    k_h, k_w, ci, co = kernel.shape
+    out = jax.ShapeDtypeStruct((k_h, k_w, co, ci), jnp.float32)
+    return jax.ffi.ffi_call(_FLIP_TARGET, out)(kernel)

@@ -7,12 +7,16 @@ resolution with 16-64 channels that runs at 30-85 GFLOP/s on 2 cores, and
 those gradients take about a third of the U-Net train step. The kernel reads
 x and the output cotangent once per kernel offset and keeps its sums in
 registers (190-310 GFLOP/s). The forward pass and the input gradient stay
-XLA's. Used for stride-1, undilated, ungrouped 1D and 2D float32 convs with
-channels last and a multiple of 16 output channels; any other conv takes
-XLA's path unchanged.
+XLA's convolutions; the input gradient's flipped, transposed kernel is
+copied by the kernel library (XLA:CPU's copy of a [3, 3, 1024, 1024] kernel
+takes ~70 ms). Used for stride-1, undilated, ungrouped 1D and 2D float32
+convs with channels last and a multiple of 16 output channels; any other conv
+takes XLA's path unchanged. With wide channels on small images the filter
+gradient stays XLA's (see `_xla_filter_gradient_is_faster`).
 """
 
 import functools
+import math
 from collections.abc import Sequence
 
 import jax
@@ -35,19 +39,35 @@ def _plain_conv(x, kernel, pads, precision):
     )
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _conv(x, kernel, pads, precision):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _conv(x, kernel, pads, precision, filter_gradient_on_kernel):
     return _plain_conv(x, kernel, pads, precision)
 
 
-def _conv_fwd(x, kernel, pads, precision):
+def _conv_fwd(x, kernel, pads, precision, filter_gradient_on_kernel):
     return _plain_conv(x, kernel, pads, precision), (x, kernel)
 
 
-def _conv_bwd(pads, precision, residuals, g):
+def _input_gradient(x, kernel, pads, precision, g):
+    """dx: the stride-1 conv of g with the flipped, transposed kernel, padded
+    by kernel - 1 - pad on each side (the size formula gives x's size back)."""
+    if not all(0 <= p <= k - 1 for k, pad in zip(kernel.shape, pads) for p in pad):
+        _, input_vjp = jax.vjp(lambda x: _plain_conv(x, kernel, pads, precision), x)
+        return input_vjp(g)[0]
+    rank = x.ndim - 2
+    flipped = cpu_kernels.flipped_transposed_kernel(
+        kernel.reshape((1,) * (2 - rank) + kernel.shape)
+    ).reshape(kernel.shape[:rank] + (kernel.shape[-1], kernel.shape[-2]))
+    input_pads = [(k - 1 - lo, k - 1 - hi) for k, (lo, hi) in zip(kernel.shape, pads)]
+    return _plain_conv(g, flipped, input_pads, precision)
+
+
+def _conv_bwd(pads, precision, filter_gradient_on_kernel, residuals, g):
     x, kernel = residuals
-    _, input_vjp = jax.vjp(lambda x: _plain_conv(x, kernel, pads, precision), x)
-    (dx,) = input_vjp(g)
+    dx = _input_gradient(x, kernel, pads, precision, g)
+    if not filter_gradient_on_kernel:
+        _, filter_vjp = jax.vjp(lambda k: _plain_conv(x, k, pads, precision), kernel)
+        return dx, filter_vjp(g)[0]
     if x.ndim == 3:  # [N, W, C] as [N, 1, W, C].
         dw = cpu_kernels.conv_filter_gradient(
             x[:, None], g[:, None], (1, kernel.shape[0]), (0, pads[0][0])
@@ -76,6 +96,15 @@ def _channels_last(dimension_numbers, rank: int) -> bool:
 
 def _all_ones(values) -> bool:
     return values is None or all(v == 1 for v in values)
+
+
+def _xla_filter_gradient_is_faster(x_shape, kernel_shape) -> bool:
+    """Wide channels on small images: XLA's filter gradient, a matmul over the
+    few pixels, beats the kernel's row streams (2 cores, batch 2: 16x16 at
+    1024 -> 1024 channels 44 vs 72 ms; 32x32 at 1024 -> 512 89 vs 99 ms; the
+    kernel wins at 64x64 and above and below 512 x 512 channels)."""
+    pixels = math.prod(x_shape[1:-1])
+    return pixels <= 32 * 32 and kernel_shape[-2] * kernel_shape[-1] >= 512 * 512
 
 
 def conv_general_dilated(
@@ -127,4 +156,5 @@ def conv_general_dilated(
             precision=precision,
             preferred_element_type=preferred_element_type,
         )
-    return _conv(lhs, rhs, pads, precision)
+    on_kernel = not _xla_filter_gradient_is_faster(lhs.shape, rhs.shape)
+    return _conv(lhs, rhs, pads, precision, on_kernel)
