@@ -9,8 +9,8 @@
 // registers of output channels stay in registers while the rows stream
 // through once per kernel offset, so x and g are read from memory about once.
 // Rows are split among `threads` threads, each summing into its own dw, added
-// at the end. Also here: the flipped, transposed
-// kernel that the input gradient convolves with.
+// at the end. Also here: the flipped, transposed kernel that the input
+// gradient convolves with.
 #include <algorithm>
 #include <array>
 #include <cstdint>
