@@ -24,7 +24,8 @@ from jax import lax
 
 from fcn_jax import cpu_kernels
 
-_DIMENSION_NUMBERS = {1: ("NWC", "WIO", "NWC"), 2: ("NHWC", "HWIO", "NHWC")}
+# Channels-last layouts of the 1D and 2D convs that take the CPU kernels.
+DIMENSION_NUMBERS = {1: ("NWC", "WIO", "NWC"), 2: ("NHWC", "HWIO", "NHWC")}
 
 
 def _plain_conv(x, kernel, pads, precision):
@@ -34,7 +35,7 @@ def _plain_conv(x, kernel, pads, precision):
         kernel,
         window_strides=(1,) * rank,
         padding=pads,
-        dimension_numbers=_DIMENSION_NUMBERS[rank],
+        dimension_numbers=DIMENSION_NUMBERS[rank],
         precision=precision,
     )
 
@@ -86,7 +87,7 @@ def _channels_last(dimension_numbers, rank: int) -> bool:
     if dimension_numbers is None:
         return False
     expected = lax.conv_dimension_numbers(
-        (1,) * (rank + 2), (1,) * (rank + 2), _DIMENSION_NUMBERS[rank]
+        (1,) * (rank + 2), (1,) * (rank + 2), DIMENSION_NUMBERS[rank]
     )
     given = lax.conv_dimension_numbers(
         (1,) * (rank + 2), (1,) * (rank + 2), dimension_numbers
@@ -130,7 +131,7 @@ def conv_general_dilated(
         )
     pads = tuple((int(lo), int(hi)) for lo, hi in pads)
     applies = (
-        rank in _DIMENSION_NUMBERS
+        rank in DIMENSION_NUMBERS
         and _channels_last(dimension_numbers, rank)
         and _all_ones(window_strides)
         and _all_ones(lhs_dilation)

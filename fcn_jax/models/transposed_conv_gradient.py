@@ -9,7 +9,7 @@ the four up-convs of configs/unet.py take ~49 ms forward and backward.
 `disjoint_transposed_conv_direct` writes the backward pass by hand (~18 ms):
 
   dx = the stride-s conv of g with the kernel (its adjoint; XLA's fast path),
-  dkernel = a 1xs filter gradient on the CPU kernel of `fcn_jax.cpu_kernels`,
+  dkernel = an s x 1 filter gradient on the CPU kernel of `fcn_jax.cpu_kernels`,
       reading g in place as rows [N*H, s, W, s*F],
   dbias = per-channel sums of g.
 """
@@ -20,8 +20,7 @@ from jax import lax
 
 from fcn_jax import cpu_kernels
 from fcn_jax.models.batch_norm_relu import per_channel_sum
-
-_DIMENSION_NUMBERS = {1: ("NWC", "WIO", "NWC"), 2: ("NHWC", "HWIO", "NHWC")}
+from fcn_jax.models.conv_gradient import DIMENSION_NUMBERS
 
 
 def disjoint_transposed_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
@@ -55,7 +54,7 @@ def direct_gradient_applies(x: jax.Array, kernel: jax.Array) -> bool:
     gradient: 1D or 2D, float32, stride * features a multiple of 16."""
     rank = x.ndim - 2
     return (
-        rank in _DIMENSION_NUMBERS
+        rank in DIMENSION_NUMBERS
         and x.dtype == kernel.dtype == jnp.float32
         and (kernel.shape[0] * kernel.shape[-1]) % 16 == 0
     )
@@ -83,7 +82,7 @@ def _direct_bwd(residuals, g):
         jnp.swapaxes(kernel, -1, -2),
         window_strides=(s,) * rank,
         padding="VALID",
-        dimension_numbers=_DIMENSION_NUMBERS[rank],
+        dimension_numbers=DIMENSION_NUMBERS[rank],
     )
     width = x.shape[-2]
     if rank == 1:
