@@ -190,11 +190,20 @@ def compile_train_and_inference(
 
     for _ in range(2):
         one_train_step()
-    # XLA counts no FLOPs inside custom calls (the CPU conv kernels), so the
-    # count comes from the same step with XLA's own gradients, lowered only.
+    # XLA counts no FLOPs inside custom calls (the CPU kernels), so the count
+    # comes from the same step with XLA's own ops, lowered only.
     counted_train = lowered_train
-    if getattr(experiment.model, "conv_filter_gradient", "xla") != "xla":
-        xla_model = experiment.model.clone(conv_filter_gradient="xla")
+    model = experiment.model
+    xla_ops = {
+        key: xla_choice
+        for key, kernel, xla_choice in (
+            ("conv_filter_gradient", "direct", "xla"),
+            ("batch_norm_relu", "kernel", "fused"),
+        )
+        if getattr(model, key, None) == kernel
+    }
+    if xla_ops:
+        xla_model = model.clone(**xla_ops)
         counted_train = train_step.lower(
             experiment.state.replace(apply_fn=xla_model.apply), batch
         )

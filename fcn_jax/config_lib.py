@@ -19,8 +19,9 @@ CHOICES: Mapping[str, tuple[str, ...]] = {
     "model.norm": ("batch", "group", "none"),
     "model.downsample": ("max_pool", "avg_pool", "strided_conv"),
     "model.max_pool_gradient": ("auto", "argmax", "xla"),
-    "model.batch_norm_relu": ("auto", "fused", "xla"),
+    "model.batch_norm_relu": ("auto", "kernel", "fused", "xla"),
     "model.conv_filter_gradient": ("auto", "direct", "xla"),
+    "model.skip_conv": ("auto", "split", "concat"),
     "model.upsample": ("transposed_conv", "resize_conv"),
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.param_dtype": ("float32", "bfloat16"),
@@ -85,7 +86,12 @@ def model_defaults(name: str) -> ml_collections.ConfigDict:
             value = np.dtype(value).name
         group[field.name] = value
     # CPU-fast gradients on the CPU, XLA's own on accelerators (create_model).
-    for key in ("max_pool_gradient", "batch_norm_relu", "conv_filter_gradient"):
+    for key in (
+        "max_pool_gradient",
+        "batch_norm_relu",
+        "conv_filter_gradient",
+        "skip_conv",
+    ):
         if key in group:
             group[key] = "auto"
     return group

@@ -61,6 +61,7 @@ ENVIRONMENT_KEYS = (
     "model.batch_norm_relu",
     "model.conv_filter_gradient",
     "model.max_pool_gradient",
+    "model.skip_conv",
     "model.remat",
     "train.compilation_cache",
     "train.cache_min_compile_seconds",

@@ -11,14 +11,22 @@ from fcn_jax import cpu_flags
 # Tests run with the same XLA flags as the scripts.
 cpu_flags.configure()
 
+import numpy as np
 import pytest
 from absl import flags
+from PIL import Image
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIG_FILES = sorted((REPO_ROOT / "configs").glob("*.py"))
 
 # Grain's worker processes read absl flags; tests do not go through app.run.
 flags.FLAGS.mark_as_parsed()
+
+
+def em_image(height: int, width: int) -> np.ndarray:
+    """The top-left [height, width] of ISBI-2012 training slice 3, float32 in [0, 1]."""
+    path = REPO_ROOT / "fcn_jax" / "data" / "isbi2012_membrane" / "image" / "3.png"
+    return np.asarray(Image.open(path), np.float32)[:height, :width] / 255.0
 
 
 def load_config_module(path: pathlib.Path):

@@ -1,5 +1,6 @@
 """One tester every model goes through: shapes, FCN parameter invariance, grads."""
 
+import dataclasses
 from collections.abc import Sequence
 
 import flax.linen as nn
@@ -89,3 +90,36 @@ def check_model(
     assert all(bool(jnp.all(jnp.isfinite(g))) for g in leaves), "non-finite grads"
     assert any(bool(jnp.any(g != 0)) for g in leaves), "all gradients are zero"
     return sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(params))
+
+
+@dataclasses.dataclass
+class TrainPass:
+    """One training forward and backward pass of a freshly initialised model."""
+
+    variables: dict
+    loss: jax.Array
+    logits: jax.Array
+    batch_stats: dict  # updated by the pass
+    grads: dict
+
+
+def train_loss_and_grads(
+    model: nn.Module, images: jax.Array, labels: jax.Array
+) -> TrainPass:
+    """Initialises `model` (key 0, so models with the same parameter tree start
+    alike) and differentiates the cross-entropy of one training forward pass."""
+    variables = model.init(jax.random.key(0), images, train=False)
+
+    def loss_fn(params):
+        logits, updates = model.apply(
+            {"params": params, "batch_stats": variables["batch_stats"]},
+            images,
+            train=True,
+            mutable=["batch_stats"],
+        )
+        return _cross_entropy(logits, labels), (logits, updates["batch_stats"])
+
+    (loss, (logits, batch_stats)), grads = jax.jit(
+        jax.value_and_grad(loss_fn, has_aux=True)
+    )(variables["params"])
+    return TrainPass(variables, loss, logits, batch_stats, grads)

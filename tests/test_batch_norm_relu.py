@@ -1,11 +1,16 @@
-"""The fused BatchNorm+ReLU agrees with nn.BatchNorm + nn.relu and their autodiff."""
+"""The fused BatchNorm+ReLU agrees with nn.BatchNorm + nn.relu and their autodiff,
+with its per-channel sums from XLA or from the CPU kernels."""
+
+import logging
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import em_image
 
+from fcn_jax import cpu_kernels
 from fcn_jax.models import create_model
 from fcn_jax.models.batch_norm_relu import (
     BatchNormReLU,
@@ -23,9 +28,13 @@ class _FlaxBatchNormReLU(nn.Module):
 
 
 class _FusedBatchNormReLU(nn.Module):
+    kernel_sums: bool = False
+
     @nn.compact
     def __call__(self, x, *, train):
-        return BatchNormReLU(use_running_average=not train, name="norm")(x)
+        return BatchNormReLU(
+            use_running_average=not train, kernel_sums=self.kernel_sums, name="norm"
+        )(x)
 
 
 def _inputs(shape, seed=0):
@@ -46,8 +55,18 @@ def _variables(scale, bias, mean, var):
     }
 
 
-@pytest.mark.parametrize("shape", [(3, 40, 5), (2, 12, 10, 6), (2, 4, 6, 5, 3)])
-def test_training_outputs_statistics_and_gradients_match_flax(shape):
+@pytest.mark.parametrize(
+    "shape, kernel_sums",
+    [
+        ((3, 40, 5), False),
+        ((2, 12, 10, 6), False),
+        ((2, 4, 6, 5, 3), False),
+        ((3, 40, 16), True),
+        ((2, 12, 10, 48), True),
+        ((2, 4, 6, 5, 32), True),
+    ],
+)
+def test_training_outputs_statistics_and_gradients_match_flax(shape, kernel_sums):
     x, scale, bias, cotangent = _inputs(shape)
     channels = shape[-1:]
     stats = (0.1 * jnp.ones(channels), 2.0 * jnp.ones(channels))
@@ -62,7 +81,7 @@ def test_training_outputs_statistics_and_gradients_match_flax(shape):
         return y, new_stats["batch_stats"]["norm"], grad_fn(cotangent)
 
     expected = jax.jit(lambda: forward_and_grads(_FlaxBatchNormReLU()))()
-    got = jax.jit(lambda: forward_and_grads(_FusedBatchNormReLU()))()
+    got = jax.jit(lambda: forward_and_grads(_FusedBatchNormReLU(kernel_sums)))()
 
     np.testing.assert_allclose(got[0], expected[0], rtol=1e-5, atol=1e-6)
     for key in ("mean", "var"):
@@ -151,15 +170,98 @@ def test_fused_conv_block_has_the_same_variables_as_the_plain_one():
                 jax.random.key(0), x, train=True
             )
         )
-        for choice in ("xla", "fused")
+        for choice in ("xla", "fused", "kernel")
     ]
-    assert shapes[0] == shapes[1]
+    assert shapes[0] == shapes[1] == shapes[2]
 
 
-def test_auto_is_fused_on_cpu_and_xla_on_accelerators():
-    model = create_model({"name": "unet", "num_classes": 2, "batch_norm_relu": "auto"})
+def test_auto_takes_the_kernel_sums_on_one_cpu_and_fused_without_them(
+    monkeypatch, caplog
+):
+    config = {"name": "unet", "num_classes": 2, "batch_norm_relu": "auto"}
     cpu = jax.default_backend() == "cpu"
-    assert model.batch_norm_relu == ("fused" if cpu else "xla")
+    single_cpu = cpu and jax.device_count() == 1
+    expected = "kernel" if single_cpu else ("fused" if cpu else "xla")
+    assert create_model(config).batch_norm_relu == expected
+
+    def fail():
+        raise cpu_kernels.KernelUnavailableError("no C++ compiler found")
+
+    monkeypatch.setattr(cpu_kernels, "load", fail)
+    with caplog.at_level(logging.WARNING):
+        assert create_model(config).batch_norm_relu == ("fused" if cpu else "xla")
+    if single_cpu:
+        assert "model.batch_norm_relu" in caplog.text
+    with pytest.raises(cpu_kernels.KernelUnavailableError, match="compiler"):
+        create_model({**config, "batch_norm_relu": "kernel"})
+
+
+def _float64_terms(x, y, dy, mean, inv):
+    """The summed terms x, x^2, g, g x_hat in float64, [pixels, C] each."""
+    x, y, dy = (np.asarray(a, np.float64).reshape(-1, a.shape[-1]) for a in (x, y, dy))
+    g = np.where(y > 0, dy, 0.0)
+    x_hat = (x - np.asarray(mean, np.float64)) * np.asarray(inv, np.float64)
+    return x, x * x, g, g * x_hat
+
+
+def _em_activations():
+    """A conv of a 256x256 ISBI-2012 crop ([2, 256, 256, 16]), BatchNorm+ReLU of
+    it and a cotangent: real-image statistics for the sums."""
+    image = em_image(256, 256)
+    images = jnp.asarray(np.stack([image, image[::-1]])[..., None])
+    conv = nn.Conv(16, (3, 3))
+    x = conv.apply(conv.init(jax.random.key(0), images), images)
+    mean = jnp.mean(x, axis=(0, 1, 2))
+    inv = jax.lax.rsqrt(jnp.var(x, axis=(0, 1, 2)) + 1e-5)
+    y = jnp.maximum((x - mean) * inv * 1.1 + 0.05, 0.0)
+    dy = jax.random.normal(jax.random.key(1), x.shape)
+    return x, y, dy, mean, inv
+
+
+@pytest.mark.parametrize("data", ["em_image", "random"])
+def test_kernel_sums_equal_float64_sums(data):
+    """Float32 register sums of 256 pixels added in float64: as accurate as a
+    pairwise sum (relative 1e-6 of the sum of magnitudes)."""
+    if data == "em_image":
+        x, y, dy, mean, inv = _em_activations()
+    else:
+        x, _, _, dy = _inputs((4, 96, 128, 64), seed=4)
+        mean, inv = jnp.full((64,), 0.5), jnp.full((64,), 0.5)
+        y = jnp.maximum(x - 1.0, 0.0)
+    got = jax.jit(cpu_kernels.channel_moments)(x)
+    got += jax.jit(cpu_kernels.relu_batch_norm_gradient_sums)(x, y, dy, mean, inv)
+    names = ("sum x", "sum x^2", "sum g", "sum g x_hat")
+    for g, terms, name in zip(got, _float64_terms(x, y, dy, mean, inv), names):
+        atol = 1e-6 * float(np.max(np.abs(terms).sum(0)))
+        np.testing.assert_allclose(g, terms.sum(0), rtol=0, atol=atol, err_msg=name)
+
+
+@pytest.mark.parametrize(
+    "shape, dtype, kernel_call",
+    [
+        ((2, 8, 8, 16), jnp.float32, True),
+        ((2, 8, 8, 24), jnp.float32, False),  # Not a multiple of 16 channels.
+        ((2, 8, 8, 16), jnp.bfloat16, False),
+    ],
+)
+def test_kernel_sums_only_where_they_apply(shape, dtype, kernel_call):
+    x, scale, bias, cotangent = _inputs(shape)
+    x, cotangent = x.astype(dtype), cotangent.astype(dtype)
+
+    def grads(x):
+        y, vjp = jax.vjp(lambda x: batch_norm_relu(x, scale, bias, 1e-5, True)[0], x)
+        return y, vjp(cotangent)
+
+    text = jax.jit(grads).lower(x).as_text()
+    for target in ("fcn_jax_channel_moments", "fcn_jax_relu_batch_norm_gradient_sums"):
+        assert (target in text) == kernel_call
+    expected = jax.jit(
+        lambda x: jax.vjp(lambda x: batch_norm_relu(x, scale, bias, 1e-5)[0], x)
+    )
+    y, (dx,) = jax.jit(grads)(x)
+    y_xla, vjp = expected(x)
+    np.testing.assert_allclose(np.float32(y), np.float32(y_xla), atol=1e-5)
+    np.testing.assert_allclose(np.float32(dx), np.float32(vjp(cotangent)[0]), atol=1e-5)
 
 
 def test_unknown_choice_is_named():

@@ -17,8 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import REPO_ROOT
-from PIL import Image
+from conftest import REPO_ROOT, em_image
+from model_tester import train_loss_and_grads
 
 from fcn_jax import cpu_kernels
 from fcn_jax.models import UNet, conv_gradient, create_model
@@ -121,26 +121,14 @@ def test_wide_convs_on_small_images_keep_xla_filter_gradient():
 
 def test_unet_gradients_on_an_em_image_equal_xla():
     """Every conv block and up-conv of a U-Net on a real ISBI-2012 crop, loss and all."""
-    path = REPO_ROOT / "fcn_jax" / "data" / "isbi2012_membrane" / "image" / "3.png"
-    image = np.asarray(Image.open(path), np.float32)[:64, :96] / 255.0
+    image = em_image(64, 96)
     images = jnp.asarray(np.stack([image, image[::-1]])[..., None] - 0.5)
     labels = (images[..., 0] > 0).astype(jnp.int32)
 
     def loss_and_grads(choice):
         model = UNet(2, depth=3, base_width=16, conv_filter_gradient=choice)
-        variables = model.init(jax.random.key(0), images, train=False)
-
-        def loss(params):
-            logits, _ = model.apply(
-                {"params": params, "batch_stats": variables["batch_stats"]},
-                images,
-                train=True,
-                mutable=["batch_stats"],
-            )
-            one_hot = jax.nn.one_hot(labels, 2)
-            return -jnp.mean(jnp.sum(one_hot * jax.nn.log_softmax(logits), -1))
-
-        return jax.jit(jax.value_and_grad(loss))(variables["params"])
+        result = train_loss_and_grads(model, images, labels)
+        return result.loss, result.grads
 
     loss, grads = loss_and_grads("xla")
     direct_loss, direct_grads = loss_and_grads("direct")
@@ -214,13 +202,26 @@ for shape, features in [((2, 20, 24, 20), 16), ((2, 12, 10, 10), 32), ((2, 9, 11
         grad = jax.grad(lambda v: jnp.sum(jnp.sin(conv.apply(v, x))))(variables)
         kernels.append(grad["params"]["kernel"])
     errors.append(float(jnp.max(jnp.abs(kernels[1] - kernels[0]) / jnp.max(jnp.abs(kernels[0])))))
+import numpy as np
+from fcn_jax import cpu_kernels
+x = jax.random.normal(jax.random.key(2), (3, 17, 19, 48)) + 0.5
+y = jnp.maximum(x - 0.5, 0.0)
+dy = jax.random.normal(jax.random.key(3), x.shape)
+mean, inv = jnp.full((48,), 0.5), jnp.full((48,), 2.0)
+got = (*cpu_kernels.channel_moments(x),
+       *cpu_kernels.relu_batch_norm_gradient_sums(x, y, dy, mean, inv))
+x64, y64, dy64 = (np.asarray(a, np.float64).reshape(-1, 48) for a in (x, y, dy))
+g = np.where(y64 > 0, dy64, 0.0)
+for sums, terms in zip(got, (x64, x64 * x64, g, g * (x64 - 0.5) * 2.0)):
+    errors.append(float(np.max(np.abs(np.asarray(sums) - terms.sum(0))) / np.abs(terms).sum(0).max()))
 print(max(errors))
 """
 
 
 @pytest.mark.skipif(platform.machine() != "x86_64", reason="an x86-64 target")
 def test_avx2_build_equals_autodiff(tmp_path):
-    """The 8-lane (AVX2) build, which AVX-512 machines do not run by default."""
+    """The 8-lane (AVX2) build, which AVX-512 machines do not run by default:
+    filter gradients and BatchNorm sums."""
     env = {
         **os.environ,
         cpu_kernels.CACHE_ENV: str(tmp_path),

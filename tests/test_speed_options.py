@@ -10,8 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import REPO_ROOT
+from model_tester import train_loss_and_grads
 
-from fcn_jax import losses
 from fcn_jax.models import UNet, create_model
 from fcn_jax.models.pooling import max_pool_argmax_gradient
 
@@ -31,22 +31,6 @@ def test_argmax_max_pool_matches_autodiff_of_xla_max_pool(shape):
     np.testing.assert_array_equal(vjp(cotangent)[0], expected_vjp(cotangent)[0])
 
 
-def _loss_and_grads(model, variables, images, labels):
-    def loss_fn(params):
-        logits, _ = model.apply(
-            {"params": params, "batch_stats": variables["batch_stats"]},
-            images,
-            train=True,
-            mutable=["batch_stats"],
-        )
-        loss, _ = losses.segmentation_loss(
-            logits, labels, num_classes=2, ignore_label=255
-        )
-        return loss, logits
-
-    return jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(variables["params"])
-
-
 @pytest.fixture(scope="module")
 def fixed_batch():
     images = jax.random.normal(jax.random.key(1), (2, 32, 32, 1))
@@ -57,7 +41,12 @@ def fixed_batch():
 @pytest.mark.long
 @pytest.mark.parametrize(
     "option",
-    [{"max_pool_gradient": "argmax"}, {"batch_norm_relu": "fused"}, {"remat": True}],
+    [
+        {"max_pool_gradient": "argmax"},
+        {"batch_norm_relu": "fused"},
+        {"skip_conv": "split"},
+        {"remat": True},
+    ],
     ids=str,
 )
 def test_cpu_and_memory_options_leave_loss_and_gradients_unchanged(option, fixed_batch):
@@ -65,13 +54,10 @@ def test_cpu_and_memory_options_leave_loss_and_gradients_unchanged(option, fixed
     xla = {"max_pool_gradient": "xla", "batch_norm_relu": "xla"}
     plain = UNet(2, depth=2, base_width=4, **xla)
     variant = UNet(2, depth=2, base_width=4, **{**xla, **option})
-    variables = plain.init(jax.random.key(0), images, train=False)
-    (loss, _), grads = _loss_and_grads(plain, variables, images, labels)
-    (variant_loss, _), variant_grads = _loss_and_grads(
-        variant, variables, images, labels
-    )
-    np.testing.assert_allclose(variant_loss, loss, rtol=1e-6)
-    for a, b in zip(jax.tree.leaves(variant_grads), jax.tree.leaves(grads)):
+    expected = train_loss_and_grads(plain, images, labels)
+    got = train_loss_and_grads(variant, images, labels)
+    np.testing.assert_allclose(got.loss, expected.loss, rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(got.grads), jax.tree.leaves(expected.grads)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
@@ -92,16 +78,14 @@ def test_bfloat16_compute_agrees_with_float32(fixed_batch):
     images, labels = fixed_batch
     float32 = UNet(2, depth=3, base_width=8)
     bfloat16 = UNet(2, depth=3, base_width=8, dtype=jnp.bfloat16)
-    variables = float32.init(jax.random.key(0), images, train=False)
-    (loss, _), grads = _loss_and_grads(float32, variables, images, labels)
-    (bf_loss, bf_logits), bf_grads = _loss_and_grads(
-        bfloat16, variables, images, labels
-    )
-    assert bf_logits.dtype == jnp.float32 and bf_loss.dtype == jnp.float32
-    assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(bf_grads))
-    np.testing.assert_allclose(bf_loss, loss, rtol=1e-2)
-    flat = jnp.concatenate([g.ravel() for g in jax.tree.leaves(grads)])
-    bf_flat = jnp.concatenate([g.ravel() for g in jax.tree.leaves(bf_grads)])
+    expected = train_loss_and_grads(float32, images, labels)
+    got = train_loss_and_grads(bfloat16, images, labels)
+    jax.tree.map(np.testing.assert_array_equal, got.variables, expected.variables)
+    assert got.logits.dtype == jnp.float32 and got.loss.dtype == jnp.float32
+    assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(got.grads))
+    np.testing.assert_allclose(got.loss, expected.loss, rtol=1e-2)
+    flat = jnp.concatenate([g.ravel() for g in jax.tree.leaves(expected.grads)])
+    bf_flat = jnp.concatenate([g.ravel() for g in jax.tree.leaves(got.grads)])
     cosine = flat @ bf_flat / (jnp.linalg.norm(flat) * jnp.linalg.norm(bf_flat))
     assert cosine > 0.95
 

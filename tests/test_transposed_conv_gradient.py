@@ -11,8 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import REPO_ROOT
-from PIL import Image
+from conftest import em_image
 
 from fcn_jax.models import transposed_conv_gradient as tcg
 from fcn_jax.models.layers import TransposedConv
@@ -93,8 +92,7 @@ def test_other_shapes_keep_autodiff(x_shape, stride, features, dtype):
 def test_up_conv_on_em_features_equals_autodiff():
     """A U-Net up-conv on features of a real ISBI-2012 crop: same outputs and
     parameters whichever gradient runs, gradients within 1e-6 of their scale."""
-    path = REPO_ROOT / "fcn_jax" / "data" / "isbi2012_membrane" / "image" / "3.png"
-    image = np.asarray(Image.open(path), np.float32)[:48, :64] / 255.0 - 0.5
+    image = em_image(48, 64) - 0.5
     # 32 channels of 2x2-pooled shifted copies stand in for encoder features.
     pooled = image.reshape(24, 2, 32, 2).mean((1, 3))
     x = jnp.asarray(

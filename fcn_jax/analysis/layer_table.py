@@ -300,6 +300,9 @@ def _row(module: nn.Module, x: Any, y: Any, field: Field, params: dict) -> Layer
 def trace_layers(model: nn.Module, input_shape: Sequence[int]) -> LayerTable:
     """The layer table of `model` on inputs of `input_shape` ([B, *S, C])."""
     input_shape = tuple(input_shape)
+    if getattr(model, "skip_conv", "concat") != "concat":
+        # The same layers and parameters, with each skip join one nn.Conv row.
+        model = model.clone(skip_conv="concat")
     tracer = _Tracer(len(input_shape) - 2)
 
     def init(x):

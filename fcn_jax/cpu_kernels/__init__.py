@@ -3,11 +3,13 @@
 `conv_filter_gradient` computes the filter gradient of a stride-1 2D
 convolution (see conv_filter_gradient.cc) several times faster than XLA:CPU's
 own lowering; `flipped_transposed_kernel` prepares the kernel of its input
-gradient. The library is built with the machine's C++ compiler ($CXX, else
+gradient. `channel_moments` and `relu_batch_norm_gradient_sums` take the
+per-channel sums of training-mode BatchNorm in one read of their inputs (see
+batch_norm_sums.cc). The library is built with the machine's C++ compiler ($CXX, else
 g++ or c++) for this CPU (-march=native; $FCN_JAX_KERNEL_MARCH names another
 target, e.g. haswell for AVX2 machines) into a cache directory
 ($FCN_JAX_KERNEL_CACHE, else ~/.cache/fcn_jax/cpu_kernels), keyed by the
-source, the flags, the compiler, jaxlib and the CPU, so each machine builds it
+sources, the flags, the compiler, jaxlib and the CPU, so each machine builds it
 once (about 2 s).
 """
 
@@ -25,12 +27,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-SOURCE = Path(__file__).with_name("conv_filter_gradient.cc")
+SOURCES = tuple(
+    Path(__file__).with_name(name)
+    for name in ("conv_filter_gradient.cc", "batch_norm_sums.cc")
+)
 CACHE_ENV = "FCN_JAX_KERNEL_CACHE"
 MARCH_ENV = "FCN_JAX_KERNEL_MARCH"
 FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-w")
 _TARGET = "fcn_jax_conv_filter_gradient"
 _FLIP_TARGET = "fcn_jax_flipped_transposed_kernel"
+_MOMENTS_TARGET = "fcn_jax_channel_moments"
+_GRADIENT_SUMS_TARGET = "fcn_jax_relu_batch_norm_gradient_sums"
+# The kernels read channels in whole registers of up to 16 float32 lanes.
+CHANNEL_MULTIPLE = 16
 
 
 class KernelUnavailableError(RuntimeError):
@@ -68,7 +77,7 @@ def library_path() -> Path:
     key = hashlib.sha256(
         "\n".join(
             [
-                SOURCE.read_text(),
+                *(source.read_text() for source in SOURCES),
                 " ".join(flags),
                 version,
                 jax.__version__,
@@ -94,14 +103,14 @@ def library_path() -> Path:
         f"-I{jax.ffi.include_dir()}",
         "-o",
         str(partial),
-        str(SOURCE),
+        *map(str, SOURCES),
         "-lpthread",
     ]
     result = subprocess.run(command, capture_output=True, text=True, check=False)
     if result.returncode != 0:
         partial.unlink(missing_ok=True)
         raise KernelUnavailableError(
-            f"building {SOURCE.name} failed ({' '.join(command)}):\n"
+            f"building {', '.join(source.name for source in SOURCES)} failed ({' '.join(command)}):\n"
             f"{result.stderr[-2000:]}"
         )
     os.replace(partial, path)
@@ -115,11 +124,12 @@ def load() -> None:
     jax.ffi.register_ffi_target(
         _TARGET, jax.ffi.pycapsule(library.FcnJaxConvFilterGradient), platform="cpu"
     )
-    jax.ffi.register_ffi_target(
-        _FLIP_TARGET,
-        jax.ffi.pycapsule(library.FcnJaxFlippedTransposedKernel),
-        platform="cpu",
-    )
+    for target, symbol in (
+        (_FLIP_TARGET, library.FcnJaxFlippedTransposedKernel),
+        (_MOMENTS_TARGET, library.FcnJaxChannelMoments),
+        (_GRADIENT_SUMS_TARGET, library.FcnJaxReluBatchNormGradientSums),
+    ):
+        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(symbol), platform="cpu")
 
 
 def _threads() -> int:
@@ -166,3 +176,35 @@ def flipped_transposed_kernel(kernel: jax.Array) -> jax.Array:
     k_h, k_w, ci, co = kernel.shape
     out = jax.ShapeDtypeStruct((k_h, k_w, co, ci), jnp.float32)
     return jax.ffi.ffi_call(_FLIP_TARGET, out)(kernel)
+
+
+def channel_moments(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """x [..., C] float32, C a multiple of CHANNEL_MULTIPLE -> (sum of x, sum
+    of x**2) over all but the last axis, each [C] float32, accumulated in
+    float64 blocks of 256 pixels."""
+    load()
+    out = jax.ShapeDtypeStruct((x.shape[-1],), jnp.float32)
+    return jax.ffi.ffi_call(_MOMENTS_TARGET, (out, out))(
+        x, threads=np.int64(_threads())
+    )
+
+
+def relu_batch_norm_gradient_sums(
+    x: jax.Array, y: jax.Array, dy: jax.Array, mean: jax.Array, inv: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """The two per-channel sums of the BatchNorm+ReLU backward pass.
+
+    With g = dy where y > 0 else 0 and x_hat = (x - mean) * inv, returns
+    (sum g, sum g * x_hat) over all but the last axis, each [C] float32.
+
+    Args:
+      x: the BatchNorm input [..., C] float32, C a multiple of CHANNEL_MULTIPLE.
+      y: the ReLU output, same shape.
+      dy: its cotangent, same shape.
+      mean, inv: the batch mean and 1/sqrt(var + eps), [C] float32.
+    """
+    load()
+    out = jax.ShapeDtypeStruct((x.shape[-1],), jnp.float32)
+    return jax.ffi.ffi_call(_GRADIENT_SUMS_TARGET, (out, out))(
+        x, y, dy, mean, inv, threads=np.int64(_threads())
+    )

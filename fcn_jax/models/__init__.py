@@ -37,27 +37,32 @@ def _dtype(key: str, value: Any) -> Any:
     return DTYPES[value]
 
 
-def _conv_filter_gradient(choice: str, cpu: bool) -> str:
-    """Resolves 'auto': the CPU kernel on a single CPU device where it builds.
+def _cpu_kernel_choice(
+    key: str, choice: str, cpu: bool, kernel: str, cpu_else: str
+) -> str:
+    """Resolves `model.<key>`, whose choice `kernel` runs on the CPU kernels.
 
-    With several devices XLA partitions the step over the batch and would
-    gather the whole batch onto each device for the kernel, so 'auto' keeps
-    XLA's gradients there.
+    'auto' is `kernel` on a single CPU device where the kernels build,
+    `cpu_else` on other CPU set-ups and 'xla' on accelerators. With several
+    devices XLA partitions the step over the batch and would gather the whole
+    batch onto each device for a kernel, so 'auto' keeps XLA's ops there.
     """
     if choice == "auto":
-        if not (cpu and jax.device_count() == 1):
+        if not cpu:
             return "xla"
+        if jax.device_count() != 1:
+            return cpu_else
         try:
             cpu_kernels.load()
         except (cpu_kernels.KernelUnavailableError, OSError) as error:
-            logging.warning("model.conv_filter_gradient: using XLA's: %s", error)
-            return "xla"
-        return "direct"
-    if choice == "direct":
+            logging.warning("model.%s: using %r: %s", key, cpu_else, error)
+            return cpu_else
+        return kernel
+    if choice == kernel:
         if not cpu:
             raise ValueError(
-                "model.conv_filter_gradient='direct' runs on the CPU only; "
-                f"this backend is {jax.default_backend()!r} (use 'auto' or 'xla')."
+                f"model.{key}={kernel!r} runs on the CPU only; this backend is "
+                f"{jax.default_backend()!r} (use 'auto' or 'xla')."
             )
         cpu_kernels.load()  # Raises, with the compiler's message, if it fails.
     return choice
@@ -84,16 +89,18 @@ def create_model(model_config: Any) -> nn.Module:
     # XLA's select-and-scatter and BatchNorm gradients are slow only on CPU;
     # accelerators keep them.
     cpu = jax.default_backend() == "cpu"
-    for key, cpu_choice in (
-        ("max_pool_gradient", "argmax"),
-        ("batch_norm_relu", "fused"),
+    for key, cpu_choice, accelerator_choice in (
+        ("max_pool_gradient", "argmax", "xla"),
+        ("skip_conv", "split", "concat"),
     ):
         if fields.get(key) == "auto":
-            fields[key] = cpu_choice if cpu else "xla"
-    if "conv_filter_gradient" in fields:
-        fields["conv_filter_gradient"] = _conv_filter_gradient(
-            fields["conv_filter_gradient"], cpu
-        )
+            fields[key] = cpu_choice if cpu else accelerator_choice
+    for key, kernel, cpu_else in (
+        ("batch_norm_relu", "kernel", "fused"),
+        ("conv_filter_gradient", "direct", "xla"),
+    ):
+        if key in fields:
+            fields[key] = _cpu_kernel_choice(key, fields[key], cpu, kernel, cpu_else)
     accepted = set(model_cls.__dataclass_fields__) - {"parent", "name"}
     unknown = sorted(set(fields) - accepted)
     if unknown:

@@ -13,6 +13,10 @@ reduces each activation several times more; on the CPU that is ~2x the time
 
 where dmean, dvar are the cotangents of the returned batch statistics (zero in
 training, where they only update running averages).
+
+With `kernel_sums` the four per-channel sums (of x and x^2 forward, of g and
+g x_hat backward) come from the CPU kernels of `fcn_jax.cpu_kernels`, which
+read x, y and dy once each, where XLA:CPU writes g to memory before summing.
 """
 
 import functools
@@ -23,6 +27,8 @@ import jax
 import jax.numpy as jnp
 from flax.typing import Dtype
 from jax import lax
+
+from fcn_jax import cpu_kernels
 
 
 def per_channel_sum(a: jax.Array) -> jax.Array:
@@ -43,14 +49,19 @@ def per_channel_sum(a: jax.Array) -> jax.Array:
     return jnp.sum(partial.reshape(-1, a.shape[-1]), axis=0)
 
 
-def _per_channel_sums(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
-    return per_channel_sum(a), per_channel_sum(b)
+def kernel_sums_apply(x: jax.Array) -> bool:
+    """Whether the CPU kernels can take the sums of x [..., C]: float32, with C
+    a multiple of their register width."""
+    return x.dtype == jnp.float32 and x.shape[-1] % cpu_kernels.CHANNEL_MULTIPLE == 0
 
 
-def _forward(x, scale, bias, epsilon):
+def _forward(x, scale, bias, epsilon, kernel_sums):
     x32 = x.astype(jnp.float32)
     count = x32.size // x32.shape[-1]
-    total, total_sq = _per_channel_sums(x32, x32 * x32)
+    if kernel_sums and kernel_sums_apply(x):
+        total, total_sq = cpu_kernels.channel_moments(x32)
+    else:
+        total, total_sq = per_channel_sum(x32), per_channel_sum(x32 * x32)
     mean = total / count
     # E[x^2] - E[x]^2, clipped at 0 against rounding, as nn.BatchNorm computes it.
     var = jnp.maximum(total_sq / count - mean * mean, 0.0)
@@ -59,7 +70,7 @@ def _forward(x, scale, bias, epsilon):
     return (y, mean, var), (x, y, mean, inv, scale)
 
 
-def _backward(epsilon, residuals, cotangents):
+def _backward(epsilon, kernel_sums, residuals, cotangents):
     del epsilon
     x, y, mean, inv, scale = residuals
     dy, dmean, dvar = cotangents
@@ -68,7 +79,10 @@ def _backward(epsilon, residuals, cotangents):
     g = jnp.where(y > 0, dy.astype(jnp.float32), 0.0)
     centred = x32 - mean
     x_hat = centred * inv
-    dbias, dscale = _per_channel_sums(g, g * x_hat)
+    if kernel_sums and kernel_sums_apply(x) and dy.dtype == jnp.float32:
+        dbias, dscale = cpu_kernels.relu_batch_norm_gradient_sums(x, y, dy, mean, inv)
+    else:
+        dbias, dscale = per_channel_sum(g), per_channel_sum(g * x_hat)
     dx = (
         (scale * inv) * (g - dbias / count - x_hat * (dscale / count))
         + dmean / count
@@ -77,13 +91,21 @@ def _backward(epsilon, residuals, cotangents):
     return dx.astype(x.dtype), dscale.astype(scale.dtype), dbias.astype(scale.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def batch_norm_relu(
-    x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float
+    x: jax.Array,
+    scale: jax.Array,
+    bias: jax.Array,
+    epsilon: float,
+    kernel_sums: bool = False,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """relu(BatchNorm(x)) with batch statistics: x [B, *S, C], scale/bias [C]
-    (float32) -> (y [B, *S, C] in x's dtype, mean [C], biased var [C])."""
-    return _forward(x, scale, bias, epsilon)[0]
+    (float32) -> (y [B, *S, C] in x's dtype, mean [C], biased var [C]).
+
+    `kernel_sums` takes the per-channel sums on the CPU kernels where
+    `kernel_sums_apply(x)` (CPU only); elsewhere XLA's.
+    """
+    return _forward(x, scale, bias, epsilon, kernel_sums)[0]
 
 
 batch_norm_relu.defvjp(_forward, _backward)
@@ -96,7 +118,8 @@ class BatchNormReLU(nn.Module):
     batch stats), the same running-average update and the same outputs, so
     checkpoints move freely between the two. Statistics are float32 whatever
     `dtype` the output has. With `use_running_average` it is the plain
-    inference formula, differentiated by XLA.
+    inference formula, differentiated by XLA. `kernel_sums` (CPU only) takes
+    the training sums on the CPU kernels (see `batch_norm_relu`).
     """
 
     use_running_average: bool = False
@@ -104,6 +127,7 @@ class BatchNormReLU(nn.Module):
     epsilon: float = 1e-5
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
+    kernel_sums: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -122,7 +146,9 @@ class BatchNormReLU(nn.Module):
             inv = lax.rsqrt(ra_var.value + self.epsilon)
             y = (x.astype(jnp.float32) - ra_mean.value) * (inv * scale32) + bias32
             return jnp.maximum(y, 0.0).astype(dtype)
-        y, mean, var = batch_norm_relu(x.astype(dtype), scale32, bias32, self.epsilon)
+        y, mean, var = batch_norm_relu(
+            x.astype(dtype), scale32, bias32, self.epsilon, self.kernel_sums
+        )
         if not self.is_initializing():
             ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
             ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var

@@ -5,7 +5,12 @@ import jax
 import jax.numpy as jnp
 from flax.typing import Dtype
 
-from fcn_jax.models.layers import Upsample, center_crop, conv_block_class
+from fcn_jax.models.layers import (
+    SKIP_CONVS,
+    Upsample,
+    center_crop,
+    conv_block_class,
+)
 
 
 def _match_skip(skip: jax.Array, up: jax.Array, padding: str, level: int) -> jax.Array:
@@ -32,7 +37,9 @@ class Decoder(nn.Module):
 
     Level i (depth-1..0) upsamples to base_width * 2**i channels, centre-crops the
     stride-2**i skip to the upsampled size, concatenates [skip, up] on channels
-    and applies a conv block. In 'SAME' mode sizes must match exactly (odd sizes
+    and applies a conv block. `skip_conv='split'` gives the block (skip, up),
+    whose first conv takes them as their concatenation without making it (same
+    parameters and outputs; faster on CPU). In 'SAME' mode sizes must match exactly (odd sizes
     raise ValueError rather than being silently padded). Submodules, in data-flow
     order: up_{depth-1}, dec_block_{depth-1}, ..., up_0, dec_block_0.
     """
@@ -46,6 +53,7 @@ class Decoder(nn.Module):
     num_groups: int = 8
     batch_norm_relu: str = "xla"
     conv_filter_gradient: str = "xla"
+    skip_conv: str = "concat"
     upsample: str = "transposed_conv"
     up_kernel_size: int = 2
     up_stride: int = 2
@@ -57,6 +65,10 @@ class Decoder(nn.Module):
 
     @nn.compact
     def __call__(self, features: dict[int, jax.Array], *, train: bool) -> jax.Array:
+        if self.skip_conv not in SKIP_CONVS:
+            raise ValueError(
+                f"skip_conv={self.skip_conv!r} is not one of {', '.join(SKIP_CONVS)}."
+            )
         x = features[2**self.depth]
         for level in reversed(range(self.depth)):
             width = self.base_width * 2**level
@@ -73,7 +85,10 @@ class Decoder(nn.Module):
                 name=f"up_{level}",
             )(x)
             skip = _match_skip(features[2**level], up, self.padding, level)
-            x = jnp.concatenate([skip, up], axis=-1)
+            if self.skip_conv == "split":
+                x = (skip, up)
+            else:
+                x = jnp.concatenate([skip, up], axis=-1)
             x = conv_block_class(self.remat)(
                 width,
                 kernel_size=self.kernel_size,

@@ -78,7 +78,8 @@ class FCN(SameSizeGeometry, nn.Module):
     norm: str = "batch"
     num_groups: int = 8
     max_pool_gradient: str = "xla"
-    # 'fused': VGG's BatchNorm + ReLU as one op with a hand-written gradient.
+    # 'fused': VGG's BatchNorm + ReLU as one op with a hand-written gradient;
+    # 'kernel': its per-channel sums on compiled CPU kernels too.
     batch_norm_relu: str = "xla"
     # 'direct': 2D/1D conv filter gradients on a compiled CPU kernel.
     conv_filter_gradient: str = "xla"

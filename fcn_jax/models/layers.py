@@ -10,7 +10,8 @@ from collections.abc import Callable, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from flax.typing import Dtype
+from flax.linen.dtypes import promote_dtype
+from flax.typing import Dtype, Initializer
 from jax import lax
 
 from fcn_jax.models import conv_gradient
@@ -27,7 +28,8 @@ PADDINGS = ("SAME", "VALID")
 DOWNSAMPLE_METHODS = ("max_pool", "avg_pool", "strided_conv")
 UPSAMPLE_METHODS = ("transposed_conv", "resize_conv")
 MAX_POOL_GRADIENTS = ("xla", "argmax")
-BATCH_NORM_RELUS = ("xla", "fused")
+BATCH_NORM_RELUS = ("xla", "fused", "kernel")
+SKIP_CONVS = ("concat", "split")
 CONV_FILTER_GRADIENTS = ("xla", "direct")
 INTERPOLATIONS = ("nearest", "linear")
 
@@ -83,14 +85,79 @@ def create_norm(
     return make_group_norm
 
 
+def _channels_last_dimension_numbers(rank: int) -> lax.ConvDimensionNumbers:
+    """[B, *S, C] inputs and outputs, [*K, C_in, C_out] kernels, as nn.Conv."""
+    spatial = tuple(range(1, rank + 1))
+    return lax.ConvDimensionNumbers(
+        (0, rank + 1, *spatial), (rank + 1, rank, *range(rank)), (0, rank + 1, *spatial)
+    )
+
+
+class ConcatConv(nn.Module):
+    """A stride-1 conv of inputs concatenated on channels, without the concatenation.
+
+    conv(concat(x_1, ..., x_n), W) = sum_i conv(x_i, W_i), W_i the input-channel
+    slice of W that meets x_i (the conv is linear in its input). inputs: n arrays
+    [B, *S, C_i] -> [B, *S', features]. The parameters ('kernel' [*K, sum C_i,
+    features], 'bias'), their initialisation and the outputs are those of
+    `nn.Conv` applied to the concatenation, so the two are interchangeable; but
+    no concatenated copy is written in the forward pass nor sliced apart in the
+    backward pass (on 2 CPU cores: 43 -> 33 ms for the conv of [16 + 16]
+    channels at 256^2, batch 4, forward and backward).
+    """
+
+    features: int
+    kernel_size: Sequence[int]
+    padding: str = "SAME"
+    use_bias: bool = True
+    kernel_init: Initializer = nn.initializers.lecun_normal()
+    bias_init: Initializer = nn.initializers.zeros
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+    conv_general_dilated: Callable | None = None
+
+    @nn.compact
+    def __call__(self, inputs: Sequence[jax.Array]) -> jax.Array:
+        widths = [x.shape[-1] for x in inputs]
+        kernel = self.param(
+            "kernel",
+            self.kernel_init,
+            (*self.kernel_size, sum(widths), self.features),
+            self.param_dtype,
+        )
+        bias = (
+            self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+            if self.use_bias
+            else None
+        )
+        *inputs, kernel, bias = promote_dtype(*inputs, kernel, bias, dtype=self.dtype)
+        conv = self.conv_general_dilated or lax.conv_general_dilated
+        rank = len(self.kernel_size)
+        y, start = None, 0
+        for x, width in zip(inputs, widths):
+            part = conv(
+                x,
+                kernel[..., start : start + width, :],
+                (1,) * rank,
+                self.padding,
+                dimension_numbers=_channels_last_dimension_numbers(rank),
+            )
+            y = part if y is None else y + part
+            start += width
+        return y if bias is None else y + bias
+
+
 class ConvBlock(nn.Module):
     """`num_convs` x (conv -> norm -> ReLU): [B, *S, C] -> [B, *S', features].
 
-    With 'VALID' padding each conv trims kernel_size - 1 from every spatial dim.
+    x may also be a tuple of arrays [B, *S, C_i], which the first conv takes as
+    their concatenation on channels without making it (`ConcatConv`; same
+    parameters and outputs as concatenating first). With 'VALID' padding each conv trims kernel_size - 1 from every spatial dim.
     Convs carry no bias when a norm follows (the norm's shift replaces it).
     `batch_norm_relu='fused'` runs norm='batch' + ReLU as one `BatchNormReLU`
     (same variables and outputs, a two-sweep backward pass; fast on CPU);
-    'xla' differentiates `nn.BatchNorm` and `nn.relu` with XLA's autodiff.
+    'kernel' is 'fused' with its per-channel sums on the CPU kernels (CPU
+    only); 'xla' differentiates `nn.BatchNorm` and `nn.relu` with XLA's autodiff.
     `conv_filter_gradient='direct'` computes the convs' filter gradients on the
     CPU kernel of `conv_gradient` (CPU only; same parameters and outputs).
     """
@@ -107,44 +174,49 @@ class ConvBlock(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+    def __call__(
+        self, x: jax.Array | tuple[jax.Array, ...], *, train: bool
+    ) -> jax.Array:
         _check_choice("padding", self.padding, PADDINGS)
         _check_choice("batch_norm_relu", self.batch_norm_relu, BATCH_NORM_RELUS)
         _check_choice(
             "conv_filter_gradient", self.conv_filter_gradient, CONV_FILTER_GRADIENTS
         )
-        rank = _spatial_rank(x)
+        rank = _spatial_rank(x[0] if isinstance(x, tuple) else x)
         make_norm = create_norm(
             self.norm,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
             num_groups=self.num_groups,
         )
-        conv = functools.partial(
-            nn.Conv,
-            self.features,
-            kernel_size=(self.kernel_size,) * rank,
-            padding=self.padding,
-            use_bias=make_norm is None,
+        conv_args = {
+            "features": self.features,
+            "kernel_size": (self.kernel_size,) * rank,
+            "padding": self.padding,
+            "use_bias": make_norm is None,
             # He initialisation, as in the U-Net paper, suits the ReLUs.
-            kernel_init=nn.initializers.kaiming_normal(),
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            conv_general_dilated=(
+            "kernel_init": nn.initializers.kaiming_normal(),
+            "dtype": self.dtype,
+            "param_dtype": self.param_dtype,
+            "conv_general_dilated": (
                 conv_gradient.conv_general_dilated
                 if self.conv_filter_gradient == "direct"
                 else None
             ),
-        )
-        fused = self.norm == "batch" and self.batch_norm_relu == "fused"
+        }
+        fused = self.norm == "batch" and self.batch_norm_relu != "xla"
         for i in range(self.num_convs):
-            x = conv(name=f"conv_{i}")(x)
+            if isinstance(x, tuple):
+                x = ConcatConv(**conv_args, name=f"conv_{i}")(x)
+            else:
+                x = nn.Conv(**conv_args, name=f"conv_{i}")(x)
             if fused:
                 x = BatchNormReLU(
                     use_running_average=not train,
                     momentum=0.9,
                     dtype=self.dtype,
                     param_dtype=self.param_dtype,
+                    kernel_sums=self.batch_norm_relu == "kernel",
                     name=f"norm_{i}",
                 )(x)
                 continue
@@ -380,7 +452,7 @@ class Upsample(nn.Module):
 class _PositionalTrainConvBlock(ConvBlock):
     """ConvBlock taking `train` positionally, as `nn.remat`'s static_argnums need."""
 
-    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    def __call__(self, x: jax.Array | tuple[jax.Array, ...], train: bool) -> jax.Array:
         return super().__call__(x, train=train)
 
 

@@ -38,11 +38,15 @@ class UNet(nn.Module):
     num_groups: int = 8
     downsample: str = "max_pool"
     max_pool_gradient: str = "xla"
-    # 'fused': BatchNorm + ReLU as one op with a hand-written gradient (CPU).
+    # 'fused': BatchNorm + ReLU as one op with a hand-written gradient (CPU);
+    # 'kernel': its per-channel sums on compiled CPU kernels too.
     batch_norm_relu: str = "xla"
     # 'direct': 2D/1D conv filter gradients and the up-convs' backward pass on a
     # compiled CPU kernel.
     conv_filter_gradient: str = "xla"
+    # 'split': each decoder block's first conv takes [skip, up] as two convs
+    # with the two halves of its kernel, summed: no concatenated copy (CPU).
+    skip_conv: str = "concat"
     upsample: str = "transposed_conv"
     up_kernel_size: int = 2
     up_stride: int = 2
@@ -80,6 +84,7 @@ class UNet(nn.Module):
             **shared,
         )(x, train=train)
         y = Decoder(
+            skip_conv=self.skip_conv,
             upsample=self.upsample,
             up_kernel_size=self.up_kernel_size,
             up_stride=self.up_stride,
