@@ -190,21 +190,28 @@ def channel_moments(x: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 def relu_batch_norm_gradient_sums(
-    x: jax.Array, y: jax.Array, dy: jax.Array, mean: jax.Array, inv: jax.Array
+    x: jax.Array,
+    dy: jax.Array,
+    mean: jax.Array,
+    inv: jax.Array,
+    gain: jax.Array,
+    bias: jax.Array,
 ) -> tuple[jax.Array, jax.Array]:
     """The two per-channel sums of the BatchNorm+ReLU backward pass.
 
-    With g = dy where y > 0 else 0 and x_hat = (x - mean) * inv, returns
-    (sum g, sum g * x_hat) over all but the last axis, each [C] float32.
+    With x_hat = (x - mean) * inv and g = dy where the ReLU passed, i.e. where
+    (x - mean) * gain + bias > 0, returns (sum g, sum g * x_hat) over all but
+    the last axis, each [C] float32.
 
     Args:
       x: the BatchNorm input [..., C] float32, C a multiple of CHANNEL_MULTIPLE.
-      y: the ReLU output, same shape.
-      dy: its cotangent, same shape.
+      dy: the cotangent of the ReLU output, same shape.
       mean, inv: the batch mean and 1/sqrt(var + eps), [C] float32.
+      gain, bias: the affine map after centring, inv * scale and the BatchNorm
+        bias, [C] float32, as the forward pass applied them.
     """
     load()
     out = jax.ShapeDtypeStruct((x.shape[-1],), jnp.float32)
     return jax.ffi.ffi_call(_GRADIENT_SUMS_TARGET, (out, out))(
-        x, y, dy, mean, inv, threads=np.int64(_threads())
+        x, dy, mean, inv, gain, bias, threads=np.int64(_threads())
     )

@@ -1,17 +1,20 @@
 // Per-channel sums of training-mode BatchNorm (+ ReLU), NHWC, float32, on the
 // CPU, each in one read of its inputs:
 //
-//   ChannelMoments:       x [..., C] -> (sum x, sum x^2) [C]
-//   ReluBatchNormGradientSums: x, y, dy [..., C], mean, inv [C] ->
-//       (sum g, sum g x_hat) [C],  g = dy where y > 0 else 0,
-//                                  x_hat = (x - mean) inv
+//   ChannelMoments:            x [..., C] -> (sum x, sum x^2) [C]
+//   ReluBatchNormGradientSums: x, dy [..., C], mean, inv, scale, bias [C] ->
+//       (sum g, sum g x_hat) [C],  x_hat = (x - mean) inv,
+//       g = dy where (x - mean) gain + bias > 0 else 0,  gain = inv scale
 //
-// XLA:CPU materialises x^2, g and g x_hat and sums each in a separate pass;
-// here each pixel's channels are read once. Pixels are taken in blocks of
-// kBlockPixels, summed in float32 registers (16 or 8 lanes) and the block sums
-// added in float64, so the rounding error is that of a sum of kBlockPixels
-// values. C must be a multiple of the register width. Pixels are split among
-// `threads` threads.
+// The ReLU mask is recomputed from x, so the backward pass needs no ReLU
+// output; it is tested as (x - mean) gain > -bias, which has the sign of the
+// rounded sum whatever the rounding (and leaves no multiply-add to contract),
+// so it equals the forward pass's mask exactly. XLA:CPU writes g to memory and sums it
+// in separate passes; here each pixel's channels are read once. Pixels are
+// taken in blocks of kBlockPixels, summed in float32 registers (16 or 8 lanes)
+// and the block sums added in float64, so the rounding error is that of a sum
+// of kBlockPixels values. C must be a multiple of the register width. Pixels
+// are split among `threads` threads.
 #include <algorithm>
 #include <cstdint>
 #include <thread>
@@ -33,6 +36,9 @@ typedef float Vec __attribute__((vector_size(FCN_JAX_BN_LANES * 4)));
 typedef float UnalignedVec
     __attribute__((vector_size(FCN_JAX_BN_LANES * 4), aligned(4)));
 constexpr int64_t kBlockPixels = 256;
+// Channel groups of kMaxVecs registers: with 6 per-channel registers per
+// vector in GradientBlock, 4 fit AVX-512's 32 registers and 2 AVX2's 16.
+constexpr int kMaxVecs = kLanes == 16 ? 4 : 2;
 
 inline Vec Load(const float* p) { return *reinterpret_cast<const UnalignedVec*>(p); }
 
@@ -61,24 +67,29 @@ void MomentsBlock(const float* x, int64_t c_total, int64_t c0, int64_t p_lo,
 // Sums of g and g x_hat over pixels [p_lo, p_hi) for channels [c0, c0 + kVecs
 // kLanes), added to the float64 totals.
 template <int kVecs>
-void GradientBlock(const float* x, const float* y, const float* dy,
-                   const float* mean, const float* inv, int64_t c_total,
-                   int64_t c0, int64_t p_lo, int64_t p_hi, double* sum_g,
-                   double* sum_g_x_hat) {
-  Vec s[kVecs], t[kVecs], m[kVecs], k[kVecs];
+void GradientBlock(const float* x, const float* dy, const float* mean,
+                   const float* inv, const float* gain, const float* bias,
+                   int64_t c_total, int64_t c0, int64_t p_lo, int64_t p_hi,
+                   double* sum_g, double* sum_g_x_hat) {
+  // b holds -bias.
+  Vec s[kVecs], t[kVecs], m[kVecs], k[kVecs], a[kVecs], b[kVecs];
   for (int v = 0; v < kVecs; ++v) {
+    const int64_t c = c0 + kLanes * v;
     s[v] = t[v] = Vec{};
-    m[v] = Load(mean + c0 + kLanes * v);
-    k[v] = Load(inv + c0 + kLanes * v);
+    m[v] = Load(mean + c);
+    k[v] = Load(inv + c);
+    a[v] = Load(gain + c);
+    b[v] = -Load(bias + c);
   }
   const Vec zero = Vec{};
   for (int64_t p = p_lo; p < p_hi; ++p) {
     const int64_t at = p * c_total + c0;
     for (int v = 0; v < kVecs; ++v) {
       const int64_t i = at + kLanes * v;
-      const Vec g = Load(y + i) > zero ? Load(dy + i) : zero;
+      const Vec centred = Load(x + i) - m[v];
+      const Vec g = centred * a[v] > b[v] ? Load(dy + i) : zero;
       s[v] += g;
-      t[v] += g * ((Load(x + i) - m[v]) * k[v]);
+      t[v] += g * (centred * k[v]);
     }
   }
   for (int v = 0; v < kVecs; ++v)
@@ -98,11 +109,11 @@ struct Moments {
 };
 
 struct GradientSums {
-  const float *x, *y, *dy, *mean, *inv;
+  const float *x, *dy, *mean, *inv, *gain, *bias;
   int64_t c_total;
   template <int kVecs>
   void operator()(int64_t c0, int64_t p0, int64_t p1, double* a, double* b) const {
-    GradientBlock<kVecs>(x, y, dy, mean, inv, c_total, c0, p0, p1, a, b);
+    GradientBlock<kVecs>(x, dy, mean, inv, gain, bias, c_total, c0, p0, p1, a, b);
   }
 };
 
@@ -114,8 +125,8 @@ void SumPixels(int64_t c_total, int64_t p_lo, int64_t p_hi, double* a,
   for (int64_t p0 = p_lo; p0 < p_hi; p0 += kBlockPixels) {
     const int64_t p1 = std::min(p_hi, p0 + kBlockPixels);
     int64_t c0 = 0;
-    for (; c0 + 4 * kLanes <= c_total; c0 += 4 * kLanes)
-      block.template operator()<4>(c0, p0, p1, a, b);
+    for (; c0 + kMaxVecs * kLanes <= c_total; c0 += kMaxVecs * kLanes)
+      block.template operator()<kMaxVecs>(c0, p0, p1, a, b);
     for (; c0 + kLanes <= c_total; c0 += kLanes)
       block.template operator()<1>(c0, p0, p1, a, b);
   }
@@ -173,23 +184,29 @@ ffi::Error ChannelMomentsImpl(ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F3
 }
 
 ffi::Error ReluBatchNormGradientSumsImpl(
-    ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> y, ffi::Buffer<ffi::F32> dy,
-    ffi::Buffer<ffi::F32> mean, ffi::Buffer<ffi::F32> inv,
+    ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> mean,
+    ffi::Buffer<ffi::F32> inv, ffi::Buffer<ffi::F32> gain, ffi::Buffer<ffi::F32> bias,
     ffi::ResultBuffer<ffi::F32> sum_g, ffi::ResultBuffer<ffi::F32> sum_g_x_hat,
     int64_t threads) {
   const auto xd = x.dimensions();
   if (xd.size() == 0) return ffi::Error::InvalidArgument("x must have a channel axis");
   const int64_t c_total = xd.back();
   if (auto error = CheckChannels(c_total); error.failure()) return error;
-  if (y.element_count() != x.element_count() || dy.element_count() != x.element_count()) {
-    return ffi::Error::InvalidArgument("x, y and dy must have the same shape");
+  if (dy.element_count() != x.element_count()) {
+    return ffi::Error::InvalidArgument("x and dy must have the same shape");
   }
-  if (mean.element_count() != c_total || inv.element_count() != c_total ||
-      sum_g->element_count() != c_total || sum_g_x_hat->element_count() != c_total) {
-    return ffi::Error::InvalidArgument("mean, inv and the sums must have one entry per channel");
+  for (const auto* per_channel : {&mean, &inv, &gain, &bias}) {
+    if (per_channel->element_count() != c_total) {
+      return ffi::Error::InvalidArgument(
+          "mean, inv, gain and bias must have one entry per channel");
+    }
   }
-  const GradientSums block{x.typed_data(), y.typed_data(), dy.typed_data(),
-                           mean.typed_data(), inv.typed_data(), c_total};
+  if (sum_g->element_count() != c_total || sum_g_x_hat->element_count() != c_total) {
+    return ffi::Error::InvalidArgument("the sums must have one entry per channel");
+  }
+  const GradientSums block{x.typed_data(),    dy.typed_data(),   mean.typed_data(),
+                           inv.typed_data(),  gain.typed_data(), bias.typed_data(),
+                           c_total};
   SumInThreads(x.element_count() / c_total, c_total, threads, sum_g->typed_data(),
                sum_g_x_hat->typed_data(), block);
   return ffi::Error::Success();
@@ -207,6 +224,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FcnJaxChannelMoments, ChannelMomentsImpl,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FcnJaxReluBatchNormGradientSums,
                               ReluBatchNormGradientSumsImpl,
                               ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()

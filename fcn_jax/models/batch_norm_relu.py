@@ -67,20 +67,29 @@ def _forward(x, scale, bias, epsilon, kernel_sums):
     var = jnp.maximum(total_sq / count - mean * mean, 0.0)
     inv = lax.rsqrt(var + epsilon)
     y = jnp.maximum((x32 - mean) * (inv * scale) + bias, 0.0).astype(x.dtype)
-    return (y, mean, var), (x, y, mean, inv, scale)
+    return (y, mean, var), (x, y, mean, inv, scale, bias)
 
 
 def _backward(epsilon, kernel_sums, residuals, cotangents):
     del epsilon
-    x, y, mean, inv, scale = residuals
+    x, y, mean, inv, scale, bias = residuals
     dy, dmean, dvar = cotangents
     x32 = x.astype(jnp.float32)
     count = x32.size // x32.shape[-1]
-    g = jnp.where(y > 0, dy.astype(jnp.float32), 0.0)
     centred = x32 - mean
     x_hat = centred * inv
-    if kernel_sums and kernel_sums_apply(x) and dy.dtype == jnp.float32:
-        dbias, dscale = cpu_kernels.relu_batch_norm_gradient_sums(x, y, dy, mean, inv)
+    on_kernel = kernel_sums and kernel_sums_apply(x) and dy.dtype == jnp.float32
+    if on_kernel:
+        # The ReLU mask from x, exactly as the forward pass rounded it (the sign
+        # of round(p + bias) is that of p + bias): y need not be kept or read.
+        passed = centred * (inv * scale) > -bias
+    else:
+        passed = y > 0
+    g = jnp.where(passed, dy.astype(jnp.float32), 0.0)
+    if on_kernel:
+        dbias, dscale = cpu_kernels.relu_batch_norm_gradient_sums(
+            x, dy, mean, inv, inv * scale, bias
+        )
     else:
         dbias, dscale = per_channel_sum(g), per_channel_sum(g * x_hat)
     dx = (
