@@ -152,8 +152,8 @@ class ConvBlock(nn.Module):
 
     x may also be a tuple of arrays [B, *S, C_i], which the first conv takes as
     their concatenation on channels without making it (`ConcatConv`; same
-    parameters and outputs as concatenating first). With 'VALID' padding each conv trims kernel_size - 1 from every spatial dim.
-    Convs carry no bias when a norm follows (the norm's shift replaces it).
+    parameters and outputs as concatenating first). With 'VALID' padding each
+    conv trims kernel_size - 1 from every spatial dim. Convs carry no bias when a norm follows (the norm's shift replaces it).
     `batch_norm_relu='fused'` runs norm='batch' + ReLU as one `BatchNormReLU`
     (same variables and outputs, a two-sweep backward pass; fast on CPU);
     'kernel' is 'fused' with its per-channel sums on the CPU kernels (CPU
