@@ -3,8 +3,8 @@ parent put in XLA_FLAGS (it must be set before jax starts).
 
   python tests/multidevice_worker.py OUT.npz DATA_DIR STEPS SPATIAL[,SPATIAL...]
 
-For each mesh.spatial value, trains configs/unet.py:runlocal (global batch 8)
-for STEPS steps on real ISBI-2012 crops and stores the losses and the final
+For each mesh.spatial value, trains configs/unet.py:runlocal (global batch 8,
+plain SGD; see tests/test_multidevice.py) for STEPS steps on real ISBI-2012 crops and stores the losses and the final
 parameters; with several devices it also compares the forward pass of a whole
 512x512 slice sharded over (data 1, spatial all devices) with the unsharded one.
 """
@@ -30,6 +30,7 @@ def runlocal_config(data_dir: str, spatial: int):
         config.data.data_dir = data_dir
         config.data.batch_size = 8
         config.mesh.spatial = spatial
+        config.optim.name = "sgd"
     return config
 
 
