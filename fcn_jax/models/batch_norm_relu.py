@@ -79,21 +79,22 @@ def _backward(epsilon, kernel_sums, residuals, cotangents):
     centred = x32 - mean
     x_hat = centred * inv
     on_kernel = kernel_sums and kernel_sums_apply(x) and dy.dtype == jnp.float32
+    gain = inv * scale
     if on_kernel:
         # The ReLU mask from x, exactly as the forward pass rounded it (the sign
         # of round(p + bias) is that of p + bias): y need not be kept or read.
-        passed = centred * (inv * scale) > -bias
+        passed = centred * gain > -bias
     else:
         passed = y > 0
     g = jnp.where(passed, dy.astype(jnp.float32), 0.0)
     if on_kernel:
         dbias, dscale = cpu_kernels.relu_batch_norm_gradient_sums(
-            x, dy, mean, inv, inv * scale, bias
+            x, dy, mean, inv, gain, bias
         )
     else:
         dbias, dscale = per_channel_sum(g), per_channel_sum(g * x_hat)
     dx = (
-        (scale * inv) * (g - dbias / count - x_hat * (dscale / count))
+        gain * (g - dbias / count - x_hat * (dscale / count))
         + dmean / count
         + dvar * (2.0 / count) * centred
     )
