@@ -21,6 +21,7 @@ CHOICES: Mapping[str, tuple[str, ...]] = {
     "model.max_pool_gradient": ("auto", "argmax", "xla"),
     "model.batch_norm_relu": ("auto", "kernel", "fused", "xla"),
     "model.conv_filter_gradient": ("auto", "direct", "xla"),
+    "model.conv_forward": ("auto", "direct", "xla"),
     "model.skip_conv": ("auto", "split", "concat"),
     "model.upsample": ("transposed_conv", "resize_conv"),
     "model.dtype": ("float32", "bfloat16", "float16"),
@@ -90,6 +91,7 @@ def model_defaults(name: str) -> ml_collections.ConfigDict:
         "max_pool_gradient",
         "batch_norm_relu",
         "conv_filter_gradient",
+        "conv_forward",
         "skip_conv",
     ):
         if key in group:

@@ -60,6 +60,7 @@ ENVIRONMENT_KEYS = (
     # How gradients are computed, not what: checkpoints fit either way.
     "model.batch_norm_relu",
     "model.conv_filter_gradient",
+    "model.conv_forward",
     "model.max_pool_gradient",
     "model.skip_conv",
     "model.remat",

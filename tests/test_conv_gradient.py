@@ -213,6 +213,13 @@ x64, dy64 = (np.asarray(a, np.float64).reshape(-1, 48) for a in (x, dy))
 g = np.where(x64 > 0.5, dy64, 0.0)
 for sums, terms in zip(got, (x64, x64 * x64, g, g * (x64 - 0.5) * 2.0)):
     errors.append(float(np.max(np.abs(np.asarray(sums) - terms.sum(0))) / np.abs(terms).sum(0).max()))
+from jax import lax
+for shape, features in [((2, 20, 24, 16), 16), ((2, 12, 10, 32), 32), ((1, 9, 11, 16), 64)]:
+    x = jax.random.normal(jax.random.key(4), shape)
+    k = jax.random.normal(jax.random.key(5), (3, 3, shape[-1], features))
+    y = cpu_kernels.conv(x, k, (1, 1), shape[1:3])
+    ref = lax.conv_general_dilated(x, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    errors.append(float(jnp.max(jnp.abs(y - ref)) / jnp.max(jnp.abs(ref))))
 print(max(errors))
 """
 
@@ -220,7 +227,8 @@ print(max(errors))
 @pytest.mark.skipif(platform.machine() != "x86_64", reason="an x86-64 target")
 def test_avx2_build_equals_autodiff(tmp_path):
     """The 8-lane (AVX2) build, which AVX-512 machines do not run by default:
-    filter gradients and BatchNorm sums."""
+    filter gradients, BatchNorm sums and the conv kernel (1, 2 and 4
+    registers of output channels)."""
     env = {
         **os.environ,
         cpu_kernels.CACHE_ENV: str(tmp_path),

@@ -1,8 +1,9 @@
 """CPU kernels compiled on first use and called from XLA through its FFI.
 
-`conv_filter_gradient` computes the filter gradient of a stride-1 2D
-convolution (see conv_filter_gradient.cc) several times faster than XLA:CPU's
-own lowering; `flipped_transposed_kernel` prepares the kernel of its input
+`conv` computes a stride-1 2D convolution without packing image patches
+(see conv.cc) and `conv_filter_gradient` its filter gradient (see
+conv_filter_gradient.cc), both faster than XLA:CPU's own lowering with 16-128
+channels; `flipped_transposed_kernel` prepares the kernel of the input
 gradient. `channel_moments` and `relu_batch_norm_gradient_sums` take the
 per-channel sums of training-mode BatchNorm in one read of their inputs (see
 batch_norm_sums.cc). The library is built with the machine's C++ compiler ($CXX, else
@@ -29,11 +30,13 @@ import numpy as np
 
 SOURCES = tuple(
     Path(__file__).with_name(name)
-    for name in ("conv_filter_gradient.cc", "batch_norm_sums.cc")
+    for name in ("conv.cc", "conv_filter_gradient.cc", "batch_norm_sums.cc")
 )
+HEADERS = (Path(__file__).with_name("parallel_chunks.h"),)
 CACHE_ENV = "FCN_JAX_KERNEL_CACHE"
 MARCH_ENV = "FCN_JAX_KERNEL_MARCH"
 FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-w")
+_CONV_TARGET = "fcn_jax_conv"
 _TARGET = "fcn_jax_conv_filter_gradient"
 _FLIP_TARGET = "fcn_jax_flipped_transposed_kernel"
 _MOMENTS_TARGET = "fcn_jax_channel_moments"
@@ -77,7 +80,7 @@ def library_path() -> Path:
     key = hashlib.sha256(
         "\n".join(
             [
-                *(source.read_text() for source in SOURCES),
+                *(source.read_text() for source in SOURCES + HEADERS),
                 " ".join(flags),
                 version,
                 jax.__version__,
@@ -125,6 +128,7 @@ def load() -> None:
         _TARGET, jax.ffi.pycapsule(library.FcnJaxConvFilterGradient), platform="cpu"
     )
     for target, symbol in (
+        (_CONV_TARGET, library.FcnJaxConv),
         (_FLIP_TARGET, library.FcnJaxFlippedTransposedKernel),
         (_MOMENTS_TARGET, library.FcnJaxChannelMoments),
         (_GRADIENT_SUMS_TARGET, library.FcnJaxReluBatchNormGradientSums),
@@ -137,6 +141,35 @@ def _threads() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:
         return os.cpu_count() or 1
+
+
+def conv(
+    x: jax.Array,
+    kernel: jax.Array,
+    pads: tuple[int, int],
+    output_size: tuple[int, int],
+) -> jax.Array:
+    """A stride-1 2D conv, channels last:
+
+    y[n, h, w, o] = sum_{a,b,i} x[n, h + a - pads[0], w + b - pads[1], i] kernel[a, b, i, o]
+
+    Args:
+      x: [N, Hx, Wx, Ci] float32.
+      kernel: [KH, KW, Ci, Co] float32, Co a multiple of 16.
+      pads: the low (top, left) zero padding of x.
+      output_size: (Hy, Wy); the high padding is what it takes (x's rows and
+        columns past Hy + KH - 1 - pads[0] are not read).
+
+    Returns:
+      y [N, Hy, Wy, Co] float32.
+    """
+    load()
+    out = jax.ShapeDtypeStruct(
+        (x.shape[0], *output_size, kernel.shape[-1]), jnp.float32
+    )
+    return jax.ffi.ffi_call(_CONV_TARGET, out)(
+        x, kernel, pad_h=np.int64(pads[0]), pad_w=np.int64(pads[1])
+    )
 
 
 def conv_filter_gradient(
@@ -163,7 +196,7 @@ def conv_filter_gradient(
         g,
         pad_h=np.int64(pads[0]),
         pad_w=np.int64(pads[1]),
-        threads=np.int64(_threads()),
+        parts=np.int64(_threads()),
     )
 
 
@@ -184,9 +217,7 @@ def channel_moments(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     float64 blocks of 256 pixels."""
     load()
     out = jax.ShapeDtypeStruct((x.shape[-1],), jnp.float32)
-    return jax.ffi.ffi_call(_MOMENTS_TARGET, (out, out))(
-        x, threads=np.int64(_threads())
-    )
+    return jax.ffi.ffi_call(_MOMENTS_TARGET, (out, out))(x, parts=np.int64(_threads()))
 
 
 def relu_batch_norm_gradient_sums(
@@ -213,5 +244,5 @@ def relu_batch_norm_gradient_sums(
     load()
     out = jax.ShapeDtypeStruct((x.shape[-1],), jnp.float32)
     return jax.ffi.ffi_call(_GRADIENT_SUMS_TARGET, (out, out))(
-        x, dy, mean, inv, gain, bias, threads=np.int64(_threads())
+        x, dy, mean, inv, gain, bias, parts=np.int64(_threads())
     )

@@ -14,12 +14,12 @@
 // taken in blocks of kBlockPixels, summed in float32 registers (16 or 8 lanes)
 // and the block sums added in float64, so the rounding error is that of a sum
 // of kBlockPixels values. C must be a multiple of the register width. Pixels
-// are split among `threads` threads.
+// are split into `parts` fixed parts, run on XLA's thread pool.
 #include <algorithm>
 #include <cstdint>
-#include <thread>
 #include <vector>
 
+#include "parallel_chunks.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -132,24 +132,22 @@ void SumPixels(int64_t c_total, int64_t p_lo, int64_t p_hi, double* a,
   }
 }
 
-// Splits the pixels among threads, each with its own float64 totals, and
-// writes their sum as float32.
+// Splits the pixels into `parts` fixed parts, each with its own float64
+// totals, run on XLA's thread pool, and writes their sum, added in part
+// order, as float32, so the result does not depend on which thread ran what.
 template <typename Block>
-void SumInThreads(int64_t pixels, int64_t c_total, int64_t threads, float* out_a,
-                  float* out_b, const Block& block) {
-  // Below ~64k values per thread a thread costs more than it saves.
+void SumInParts(ffi::ThreadPool& pool, int64_t pixels, int64_t c_total,
+                int64_t parts, float* out_a, float* out_b, const Block& block) {
+  // Below ~64k values per part a part costs more than it saves.
   const int64_t useful = std::max<int64_t>(1, pixels * c_total / 65536);
-  const int64_t count = std::clamp<int64_t>(threads, 1, std::min(useful, pixels));
+  const int64_t count = std::clamp<int64_t>(parts, 1, std::min(useful, pixels));
   std::vector<double> totals(2 * c_total * count, 0.0);
   auto run = [&](int64_t t) {
     double* a = totals.data() + 2 * c_total * t;
     SumPixels(c_total, pixels * t / count, pixels * (t + 1) / count, a, a + c_total,
               block);
   };
-  std::vector<std::thread> pool;
-  for (int64_t t = 1; t < count; ++t) pool.emplace_back(run, t);
-  run(0);
-  for (auto& thread : pool) thread.join();
+  fcn_jax::ParallelChunks(pool, count, run);
   for (int64_t c = 0; c < c_total; ++c) {
     double a = 0.0, b = 0.0;
     for (int64_t t = 0; t < count; ++t) {
@@ -168,8 +166,8 @@ ffi::Error CheckChannels(int64_t c_total) {
   return ffi::Error::Success();
 }
 
-ffi::Error ChannelMomentsImpl(ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32> sum,
-                              ffi::ResultBuffer<ffi::F32> sum_sq, int64_t threads) {
+ffi::Error ChannelMomentsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32> sum,
+                              ffi::ResultBuffer<ffi::F32> sum_sq, int64_t parts) {
   const auto xd = x.dimensions();
   if (xd.size() == 0) return ffi::Error::InvalidArgument("x must have a channel axis");
   const int64_t c_total = xd.back();
@@ -178,16 +176,16 @@ ffi::Error ChannelMomentsImpl(ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F3
     return ffi::Error::InvalidArgument("sums must have one entry per channel");
   }
   const Moments block{x.typed_data(), c_total};
-  SumInThreads(x.element_count() / c_total, c_total, threads, sum->typed_data(),
+  SumInParts(pool, x.element_count() / c_total, c_total, parts, sum->typed_data(),
                sum_sq->typed_data(), block);
   return ffi::Error::Success();
 }
 
 ffi::Error ReluBatchNormGradientSumsImpl(
-    ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> mean,
+    ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> mean,
     ffi::Buffer<ffi::F32> inv, ffi::Buffer<ffi::F32> gain, ffi::Buffer<ffi::F32> bias,
     ffi::ResultBuffer<ffi::F32> sum_g, ffi::ResultBuffer<ffi::F32> sum_g_x_hat,
-    int64_t threads) {
+    int64_t parts) {
   const auto xd = x.dimensions();
   if (xd.size() == 0) return ffi::Error::InvalidArgument("x must have a channel axis");
   const int64_t c_total = xd.back();
@@ -207,7 +205,7 @@ ffi::Error ReluBatchNormGradientSumsImpl(
   const GradientSums block{x.typed_data(),    dy.typed_data(),   mean.typed_data(),
                            inv.typed_data(),  gain.typed_data(), bias.typed_data(),
                            c_total};
-  SumInThreads(x.element_count() / c_total, c_total, threads, sum_g->typed_data(),
+  SumInParts(pool, x.element_count() / c_total, c_total, parts, sum_g->typed_data(),
                sum_g_x_hat->typed_data(), block);
   return ffi::Error::Success();
 }
@@ -216,14 +214,16 @@ ffi::Error ReluBatchNormGradientSumsImpl(
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FcnJaxChannelMoments, ChannelMomentsImpl,
                               ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("threads"));
+                                  .Attr<int64_t>("parts"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FcnJaxReluBatchNormGradientSums,
                               ReluBatchNormGradientSumsImpl,
                               ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
@@ -232,4 +232,4 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FcnJaxReluBatchNormGradientSums,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("threads"));
+                                  .Attr<int64_t>("parts"));

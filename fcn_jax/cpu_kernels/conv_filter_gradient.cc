@@ -8,18 +8,18 @@
 // pixels) the accumulators of a block of input channels times 1, 2 or 4
 // registers of output channels stay in registers while the rows stream
 // through once per kernel offset, so x and g are read from memory about once.
-// Rows are split among `threads` threads, each summing into its own dw, added
-// at the end. Also here: the flipped, transposed kernel that the input
+// Rows are split into `parts` fixed parts, run on XLA's thread pool, each
+// summing into its own dw; the parts are added in order at the end. Also here: the flipped, transposed kernel that the input
 // gradient convolves with.
 #include <algorithm>
 #include <array>
 #include <cstdint>
 #include <cstring>
 #include <functional>
-#include <thread>
 #include <utility>
 #include <vector>
 
+#include "parallel_chunks.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -139,11 +139,11 @@ void AccumulateRows(const float* x, const float* g, float* dw,
   }
 }
 
-ffi::Error ConvFilterGradientImpl(ffi::Buffer<ffi::F32> x,
+ffi::Error ConvFilterGradientImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                                   ffi::Buffer<ffi::F32> g,
                                   ffi::ResultBuffer<ffi::F32> dw,
                                   int64_t pad_h, int64_t pad_w,
-                                  int64_t threads) {
+                                  int64_t parts) {
   const auto xd = x.dimensions();
   const auto gd = g.dimensions();
   const auto wd = dw->dimensions();
@@ -160,18 +160,15 @@ ffi::Error ConvFilterGradientImpl(ffi::Buffer<ffi::F32> x,
   }
   const int64_t size = s.k_h * s.k_w * s.ci * s.co;
   const int64_t rows = s.n * s.g_h;
-  const int64_t count = std::clamp<int64_t>(threads, 1, std::max<int64_t>(rows, 1));
+  const int64_t count = std::clamp<int64_t>(parts, 1, std::max<int64_t>(rows, 1));
   float* out = dw->typed_data();
   std::memset(out, 0, size * sizeof(float));
   std::vector<std::vector<float>> partial(count - 1, std::vector<float>(size));
-  std::vector<std::thread> pool;
-  for (int64_t t = 1; t < count; ++t) {
-    pool.emplace_back(AccumulateRows, x.typed_data(), g.typed_data(),
-                      partial[t - 1].data(), std::cref(s), rows * t / count,
-                      rows * (t + 1) / count);
-  }
-  AccumulateRows(x.typed_data(), g.typed_data(), out, s, 0, rows / count);
-  for (auto& thread : pool) thread.join();
+  fcn_jax::ParallelChunks(pool, count, [&](int64_t t) {
+    AccumulateRows(x.typed_data(), g.typed_data(),
+                   t == 0 ? out : partial[t - 1].data(), s, rows * t / count,
+                   rows * (t + 1) / count);
+  });
   for (const auto& part : partial) {
     for (int64_t j = 0; j < size; ++j) out[j] += part[j];
   }
@@ -213,12 +210,13 @@ ffi::Error FlippedTransposedKernelImpl(ffi::Buffer<ffi::F32> w,
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FcnJaxConvFilterGradient, ConvFilterGradientImpl,
                               ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("pad_h")
                                   .Attr<int64_t>("pad_w")
-                                  .Attr<int64_t>("threads"));
+                                  .Attr<int64_t>("parts"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FcnJaxFlippedTransposedKernel,
                               FlippedTransposedKernelImpl,

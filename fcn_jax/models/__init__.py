@@ -98,6 +98,7 @@ def create_model(model_config: Any) -> nn.Module:
     for key, kernel, cpu_else in (
         ("batch_norm_relu", "kernel", "fused"),
         ("conv_filter_gradient", "direct", "xla"),
+        ("conv_forward", "direct", "xla"),
     ):
         if key in fields:
             fields[key] = _cpu_kernel_choice(key, fields[key], cpu, kernel, cpu_else)

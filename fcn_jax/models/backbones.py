@@ -78,6 +78,7 @@ class VGGEncoder(nn.Module):
     max_pool_gradient: str = "xla"
     batch_norm_relu: str = "xla"
     conv_filter_gradient: str = "xla"
+    conv_forward: str = "xla"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -92,6 +93,7 @@ class VGGEncoder(nn.Module):
                 num_groups=self.num_groups,
                 batch_norm_relu=self.batch_norm_relu,
                 conv_filter_gradient=self.conv_filter_gradient,
+                conv_forward=self.conv_forward,
                 dtype=self.dtype,
                 param_dtype=self.param_dtype,
                 name=f"conv{i}",
@@ -231,10 +233,12 @@ def create_backbone(
     param_dtype: Dtype,
     batch_norm_relu: str = "xla",
     conv_filter_gradient: str = "xla",
+    conv_forward: str = "xla",
 ) -> nn.Module:
     """A stride-32 VGGEncoder or ResNetEncoder named 'backbone'.
 
-    `batch_norm_relu` and `conv_filter_gradient` apply to VGG's conv blocks;
+    `batch_norm_relu`, `conv_filter_gradient` and `conv_forward` apply to
+    VGG's conv blocks;
     ResNet's blocks add the shortcut between norm and ReLU, so they keep XLA's
     gradients.
     """
@@ -255,6 +259,7 @@ def create_backbone(
             max_pool_gradient=max_pool_gradient,
             batch_norm_relu=batch_norm_relu,
             conv_filter_gradient=conv_filter_gradient,
+            conv_forward=conv_forward,
             **shared,
         )
     return ResNetEncoder(stage_sizes=tuple(resnet_stage_sizes), **shared)

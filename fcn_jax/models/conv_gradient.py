@@ -1,18 +1,23 @@
-"""A drop-in `lax.conv_general_dilated` whose filter gradient runs on the CPU
-kernel of `fcn_jax.cpu_kernels`.
+"""A drop-in `lax.conv_general_dilated` whose filter gradient, and optionally
+the conv itself and its input gradient, run on the CPU kernels of
+`fcn_jax.cpu_kernels`.
 
 XLA:CPU computes the filter gradient of a 3x3 conv as a convolution over the
 batch, with transposes of both operands to batch-last layouts first; at full
 resolution with 16-64 channels that runs at 30-85 GFLOP/s on 2 cores, and
 those gradients take about a third of the U-Net train step. The kernel reads
 x and the output cotangent once per kernel offset and keeps its sums in
-registers (190-310 GFLOP/s). The forward pass and the input gradient stay
-XLA's convolutions; the input gradient's flipped, transposed kernel is
-copied by the kernel library (XLA:CPU's copy of a [3, 3, 1024, 1024] kernel
-takes ~70 ms). Used for stride-1, undilated, ungrouped 1D and 2D float32
-convs with channels last and a multiple of 16 output channels; any other conv
-takes XLA's path unchanged. With wide channels on small images the filter
-gradient stays XLA's (see `_xla_filter_gradient_is_faster`).
+registers (190-310 GFLOP/s). XLA's forward conv packs image patches for a
+GEMM, which with 16-128 channels costs about as much as the multiply; the
+conv kernel (`direct_conv`) keeps blocks of output pixels in registers
+instead (1.1-1.7x faster there) and serves the input gradient too, a conv of
+the output cotangent with the flipped, transposed kernel, which the kernel
+library copies (XLA:CPU's copy of a [3, 3, 1024, 1024] kernel takes ~70 ms).
+Used for stride-1, undilated, ungrouped 1D and 2D float32 convs with
+channels last and a multiple of 16 output channels; any other conv takes
+XLA's path unchanged. With wide channels on small images the filter gradient
+stays XLA's (see `_xla_filter_gradient_is_faster`), and from 256 x 128
+channels on so do the conv and input gradient (`_xla_conv_is_faster`).
 """
 
 import functools
@@ -40,16 +45,37 @@ def _plain_conv(x, kernel, pads, precision):
     )
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def _conv(x, kernel, pads, precision, filter_gradient_on_kernel):
+def _kernel_conv(x, kernel, pads, output_size):
+    """The stride-1 conv on the CPU kernel; 1D convs as [N, 1, W, C]."""
+    if x.ndim == 3:
+        return cpu_kernels.conv(
+            x[:, None], kernel[None], (0, pads[0][0]), (1, *output_size)
+        )[:, 0]
+    return cpu_kernels.conv(x, kernel, (pads[0][0], pads[1][0]), output_size)
+
+
+def _output_size(x, kernel, pads):
+    return tuple(
+        n + lo + hi - k + 1 for n, k, (lo, hi) in zip(x.shape[1:-1], kernel.shape, pads)
+    )
+
+
+def _forward(x, kernel, pads, precision, conv_on_kernel):
+    if conv_on_kernel:
+        return _kernel_conv(x, kernel, pads, _output_size(x, kernel, pads))
     return _plain_conv(x, kernel, pads, precision)
 
 
-def _conv_fwd(x, kernel, pads, precision, filter_gradient_on_kernel):
-    return _plain_conv(x, kernel, pads, precision), (x, kernel)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
+def _conv(x, kernel, pads, precision, filter_gradient_on_kernel, conv_on_kernel):
+    return _forward(x, kernel, pads, precision, conv_on_kernel)
 
 
-def _input_gradient(x, kernel, pads, precision, g):
+def _conv_fwd(x, kernel, pads, precision, filter_gradient_on_kernel, conv_on_kernel):
+    return _forward(x, kernel, pads, precision, conv_on_kernel), (x, kernel)
+
+
+def _input_gradient(x, kernel, pads, precision, g, conv_on_kernel):
     """dx: the stride-1 conv of g with the flipped, transposed kernel, padded
     by kernel - 1 - pad on each side (the size formula gives x's size back)."""
     if not all(0 <= p <= k - 1 for k, pad in zip(kernel.shape, pads) for p in pad):
@@ -60,12 +86,14 @@ def _input_gradient(x, kernel, pads, precision, g):
         kernel.reshape((1,) * (2 - rank) + kernel.shape)
     ).reshape(kernel.shape[:rank] + (kernel.shape[-1], kernel.shape[-2]))
     input_pads = [(k - 1 - lo, k - 1 - hi) for k, (lo, hi) in zip(kernel.shape, pads)]
+    if conv_on_kernel and x.shape[-1] % cpu_kernels.CHANNEL_MULTIPLE == 0:
+        return _kernel_conv(g, flipped, input_pads, x.shape[1:-1])
     return _plain_conv(g, flipped, input_pads, precision)
 
 
-def _conv_bwd(pads, precision, filter_gradient_on_kernel, residuals, g):
+def _conv_bwd(pads, precision, filter_gradient_on_kernel, conv_on_kernel, residuals, g):
     x, kernel = residuals
-    dx = _input_gradient(x, kernel, pads, precision, g)
+    dx = _input_gradient(x, kernel, pads, precision, g, conv_on_kernel)
     if not filter_gradient_on_kernel:
         _, filter_vjp = jax.vjp(lambda k: _plain_conv(x, k, pads, precision), kernel)
         return dx, filter_vjp(g)[0]
@@ -108,6 +136,14 @@ def _xla_filter_gradient_is_faster(x_shape, kernel_shape) -> bool:
     return pixels <= 32 * 32 and kernel_shape[-2] * kernel_shape[-1] >= 512 * 512
 
 
+def _xla_conv_is_faster(x_shape, kernel_shape) -> bool:
+    """XLA's GEMM beats the kernel's pixel blocks from 256 x 128 channels on
+    (2 cores, batch 4, 3x3: 16x16 at 128 -> 256 2.20 vs 2.47 ms, 32x32 at
+    256 -> 128 8.01 vs 7.92 ms; at 128 -> 128 and below the kernel is 1.1-1.7x
+    faster, most at full resolution with 16-32 channels)."""
+    return kernel_shape[-2] * kernel_shape[-1] >= 256 * 128
+
+
 def conv_general_dilated(
     lhs: jax.Array,
     rhs: jax.Array,
@@ -120,9 +156,14 @@ def conv_general_dilated(
     batch_group_count: int = 1,
     precision=None,
     preferred_element_type=None,
+    *,
+    direct_filter_gradient: bool = True,
+    direct_conv: bool = False,
 ) -> jax.Array:
-    """`lax.conv_general_dilated`, same arguments and result; the filter
-    gradient runs on the CPU kernel where it applies (see the module doc)."""
+    """`lax.conv_general_dilated`, same arguments and result; where it applies
+    (see the module doc) the filter gradient runs on the CPU kernel unless
+    `direct_filter_gradient` is False, and with `direct_conv` the conv and its
+    input gradient run on the CPU conv kernel too."""
     rank = lhs.ndim - 2
     pads = padding
     if isinstance(padding, str):
@@ -157,5 +198,9 @@ def conv_general_dilated(
             precision=precision,
             preferred_element_type=preferred_element_type,
         )
-    on_kernel = not _xla_filter_gradient_is_faster(lhs.shape, rhs.shape)
-    return _conv(lhs, rhs, pads, precision, on_kernel)
+    filter_gradient_on_kernel = (
+        direct_filter_gradient
+        and not _xla_filter_gradient_is_faster(lhs.shape, rhs.shape)
+    )
+    conv_on_kernel = direct_conv and not _xla_conv_is_faster(lhs.shape, rhs.shape)
+    return _conv(lhs, rhs, pads, precision, filter_gradient_on_kernel, conv_on_kernel)

@@ -53,6 +53,7 @@ class Decoder(nn.Module):
     num_groups: int = 8
     batch_norm_relu: str = "xla"
     conv_filter_gradient: str = "xla"
+    conv_forward: str = "xla"
     skip_conv: str = "concat"
     upsample: str = "transposed_conv"
     up_kernel_size: int = 2
@@ -98,6 +99,7 @@ class Decoder(nn.Module):
                 num_groups=self.num_groups,
                 batch_norm_relu=self.batch_norm_relu,
                 conv_filter_gradient=self.conv_filter_gradient,
+                conv_forward=self.conv_forward,
                 dtype=self.dtype,
                 param_dtype=self.param_dtype,
                 name=f"dec_block_{level}",

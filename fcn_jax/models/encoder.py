@@ -25,6 +25,7 @@ class Encoder(nn.Module):
     num_groups: int = 8
     batch_norm_relu: str = "xla"
     conv_filter_gradient: str = "xla"
+    conv_forward: str = "xla"
     downsample: str = "max_pool"
     max_pool_gradient: str = "xla"
     dtype: Dtype = jnp.float32
@@ -56,6 +57,7 @@ class Encoder(nn.Module):
                 num_groups=self.num_groups,
                 batch_norm_relu=self.batch_norm_relu,
                 conv_filter_gradient=self.conv_filter_gradient,
+                conv_forward=self.conv_forward,
                 dtype=self.dtype,
                 param_dtype=self.param_dtype,
                 name=name,

@@ -83,6 +83,8 @@ class FCN(SameSizeGeometry, nn.Module):
     batch_norm_relu: str = "xla"
     # 'direct': 2D/1D conv filter gradients on a compiled CPU kernel.
     conv_filter_gradient: str = "xla"
+    # 'direct': VGG's stride-1 convs (forward and input gradient) on one too.
+    conv_forward: str = "xla"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -104,6 +106,7 @@ class FCN(SameSizeGeometry, nn.Module):
             max_pool_gradient=self.max_pool_gradient,
             batch_norm_relu=self.batch_norm_relu,
             conv_filter_gradient=self.conv_filter_gradient,
+            conv_forward=self.conv_forward,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
         )(pad_to_multiple(x, TOTAL_STRIDE), train=train)

@@ -31,6 +31,7 @@ MAX_POOL_GRADIENTS = ("xla", "argmax")
 BATCH_NORM_RELUS = ("xla", "fused", "kernel")
 SKIP_CONVS = ("concat", "split")
 CONV_FILTER_GRADIENTS = ("xla", "direct")
+CONV_FORWARDS = ("xla", "direct")
 INTERPOLATIONS = ("nearest", "linear")
 
 # (features, *, train, name) -> a norm module, built inside the caller's scope.
@@ -147,6 +148,18 @@ class ConcatConv(nn.Module):
         return y if bias is None else y + bias
 
 
+def _conv_function(filter_gradient: str, forward: str) -> Callable | None:
+    """The conv op for `nn.Conv`'s `conv_general_dilated`: None (XLA's) unless
+    part of it runs on the CPU kernels."""
+    if filter_gradient == forward == "xla":
+        return None
+    return functools.partial(
+        conv_gradient.conv_general_dilated,
+        direct_filter_gradient=filter_gradient == "direct",
+        direct_conv=forward == "direct",
+    )
+
+
 class ConvBlock(nn.Module):
     """`num_convs` x (conv -> norm -> ReLU): [B, *S, C] -> [B, *S', features].
 
@@ -159,7 +172,9 @@ class ConvBlock(nn.Module):
     'kernel' is 'fused' with its per-channel sums on the CPU kernels (CPU
     only); 'xla' differentiates `nn.BatchNorm` and `nn.relu` with XLA's autodiff.
     `conv_filter_gradient='direct'` computes the convs' filter gradients on the
-    CPU kernel of `conv_gradient` (CPU only; same parameters and outputs).
+    CPU kernel of `conv_gradient`, `conv_forward='direct'` the convs
+    themselves and their input gradients (CPU only; same parameters and
+    outputs).
     """
 
     features: int
@@ -170,6 +185,7 @@ class ConvBlock(nn.Module):
     num_groups: int = 8
     batch_norm_relu: str = "xla"
     conv_filter_gradient: str = "xla"
+    conv_forward: str = "xla"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -182,6 +198,7 @@ class ConvBlock(nn.Module):
         _check_choice(
             "conv_filter_gradient", self.conv_filter_gradient, CONV_FILTER_GRADIENTS
         )
+        _check_choice("conv_forward", self.conv_forward, CONV_FORWARDS)
         rank = _spatial_rank(x[0] if isinstance(x, tuple) else x)
         make_norm = create_norm(
             self.norm,
@@ -198,10 +215,8 @@ class ConvBlock(nn.Module):
             "kernel_init": nn.initializers.kaiming_normal(),
             "dtype": self.dtype,
             "param_dtype": self.param_dtype,
-            "conv_general_dilated": (
-                conv_gradient.conv_general_dilated
-                if self.conv_filter_gradient == "direct"
-                else None
+            "conv_general_dilated": _conv_function(
+                self.conv_filter_gradient, self.conv_forward
             ),
         }
         fused = self.norm == "batch" and self.batch_norm_relu != "xla"

@@ -44,6 +44,9 @@ class UNet(nn.Module):
     # 'direct': 2D/1D conv filter gradients and the up-convs' backward pass on a
     # compiled CPU kernel.
     conv_filter_gradient: str = "xla"
+    # 'direct': stride-1 convs (forward pass and input gradient) on a compiled
+    # CPU kernel that packs no image patches.
+    conv_forward: str = "xla"
     # 'split': each decoder block's first conv takes [skip, up] as two convs
     # with the two halves of its kernel, summed: no concatenated copy (CPU).
     skip_conv: str = "concat"
@@ -73,6 +76,7 @@ class UNet(nn.Module):
             "num_groups": self.num_groups,
             "batch_norm_relu": self.batch_norm_relu,
             "conv_filter_gradient": self.conv_filter_gradient,
+            "conv_forward": self.conv_forward,
             "dtype": self.dtype,
             "param_dtype": self.param_dtype,
             "remat": self.remat,
