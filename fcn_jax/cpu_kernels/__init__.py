@@ -136,7 +136,10 @@ def load() -> None:
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(symbol), platform="cpu")
 
 
-def _threads() -> int:
+def _parts() -> int:
+    """How many fixed parts the kernels split a sum into: one per core this
+    process may use. The parts run on XLA's thread pool and are added in
+    order, so a result depends on this count, never on scheduling."""
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:
@@ -196,7 +199,7 @@ def conv_filter_gradient(
         g,
         pad_h=np.int64(pads[0]),
         pad_w=np.int64(pads[1]),
-        parts=np.int64(_threads()),
+        parts=np.int64(_parts()),
     )
 
 
@@ -217,7 +220,7 @@ def channel_moments(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     float64 blocks of 256 pixels."""
     load()
     out = jax.ShapeDtypeStruct((x.shape[-1],), jnp.float32)
-    return jax.ffi.ffi_call(_MOMENTS_TARGET, (out, out))(x, parts=np.int64(_threads()))
+    return jax.ffi.ffi_call(_MOMENTS_TARGET, (out, out))(x, parts=np.int64(_parts()))
 
 
 def relu_batch_norm_gradient_sums(
@@ -244,5 +247,5 @@ def relu_batch_norm_gradient_sums(
     load()
     out = jax.ShapeDtypeStruct((x.shape[-1],), jnp.float32)
     return jax.ffi.ffi_call(_GRADIENT_SUMS_TARGET, (out, out))(
-        x, dy, mean, inv, gain, bias, parts=np.int64(_threads())
+        x, dy, mean, inv, gain, bias, parts=np.int64(_parts())
     )
