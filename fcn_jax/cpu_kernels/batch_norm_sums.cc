@@ -166,7 +166,8 @@ ffi::Error CheckChannels(int64_t c_total) {
   return ffi::Error::Success();
 }
 
-ffi::Error ChannelMomentsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32> sum,
+ffi::Error ChannelMomentsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                              ffi::ResultBuffer<ffi::F32> sum,
                               ffi::ResultBuffer<ffi::F32> sum_sq, int64_t parts) {
   const auto xd = x.dimensions();
   if (xd.size() == 0) return ffi::Error::InvalidArgument("x must have a channel axis");
@@ -176,14 +177,15 @@ ffi::Error ChannelMomentsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi
     return ffi::Error::InvalidArgument("sums must have one entry per channel");
   }
   const Moments block{x.typed_data(), c_total};
-  SumInParts(pool, x.element_count() / c_total, c_total, parts, sum->typed_data(),
-               sum_sq->typed_data(), block);
+  SumInParts(pool, x.element_count() / c_total, c_total, parts,
+             sum->typed_data(), sum_sq->typed_data(), block);
   return ffi::Error::Success();
 }
 
 ffi::Error ReluBatchNormGradientSumsImpl(
-    ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> mean,
-    ffi::Buffer<ffi::F32> inv, ffi::Buffer<ffi::F32> gain, ffi::Buffer<ffi::F32> bias,
+    ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
+    ffi::Buffer<ffi::F32> mean, ffi::Buffer<ffi::F32> inv,
+    ffi::Buffer<ffi::F32> gain, ffi::Buffer<ffi::F32> bias,
     ffi::ResultBuffer<ffi::F32> sum_g, ffi::ResultBuffer<ffi::F32> sum_g_x_hat,
     int64_t parts) {
   const auto xd = x.dimensions();
@@ -205,8 +207,8 @@ ffi::Error ReluBatchNormGradientSumsImpl(
   const GradientSums block{x.typed_data(),    dy.typed_data(),   mean.typed_data(),
                            inv.typed_data(),  gain.typed_data(), bias.typed_data(),
                            c_total};
-  SumInParts(pool, x.element_count() / c_total, c_total, parts, sum_g->typed_data(),
-               sum_g_x_hat->typed_data(), block);
+  SumInParts(pool, x.element_count() / c_total, c_total, parts,
+             sum_g->typed_data(), sum_g_x_hat->typed_data(), block);
   return ffi::Error::Success();
 }
 

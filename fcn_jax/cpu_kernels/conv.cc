@@ -71,7 +71,8 @@ void OutputBlock(const float* rows, int64_t row_stride, const float* k,
       for (int64_t i = 0; i < ci; ++i) {
         Vec weights[kVecs];
         for (int v = 0; v < kVecs; ++v)
-          weights[v] = *reinterpret_cast<const UnalignedVec*>(k_tap + i * kWidth + kLanes * v);
+          weights[v] = *reinterpret_cast<const UnalignedVec*>(
+              k_tap + i * kWidth + kLanes * v);
         for (int p = 0; p < kPixels; ++p) {
           const float value = x[p * ci + i];
           for (int v = 0; v < kVecs; ++v) acc[p][v] += value * weights[v];
@@ -124,7 +125,7 @@ void CopyPaddedRows(const float* x, const Geometry& s, int64_t n, int64_t h0,
 
 // k [KH, KW, Ci, Co] -> [Co / width, KH, KW, Ci, width]: each block of
 // output channels reads its weights in order. Read in place, rows of k
-// Co floats apart alias to a few cache sets once Co reaches 256 (3x slower).
+// Co floats apart alias to a few cache sets once Co reaches 256 (2-3x slower).
 std::vector<float> PackKernel(const float* k, const Geometry& s, int64_t width) {
   const int64_t rows = s.k_h * s.k_w * s.ci;
   std::vector<float> packed(rows * s.co);
@@ -165,9 +166,9 @@ void ConvRows(const float* x, const float* k, float* y, const Geometry& s,
   }
 }
 
-ffi::Error ConvImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> k,
-                    ffi::ResultBuffer<ffi::F32> y, int64_t pad_h,
-                    int64_t pad_w) {
+ffi::Error ConvImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                    ffi::Buffer<ffi::F32> k, ffi::ResultBuffer<ffi::F32> y,
+                    int64_t pad_h, int64_t pad_w) {
   const auto xd = x.dimensions();
   const auto kd = k.dimensions();
   const auto yd = y->dimensions();

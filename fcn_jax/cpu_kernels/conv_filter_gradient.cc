@@ -9,13 +9,12 @@
 // registers of output channels stay in registers while the rows stream
 // through once per kernel offset, so x and g are read from memory about once.
 // Rows are split into `parts` fixed parts, run on XLA's thread pool, each
-// summing into its own dw; the parts are added in order at the end. Also here: the flipped, transposed kernel that the input
-// gradient convolves with.
+// summing into its own dw; the parts are added in order at the end. Also
+// here: the flipped, transposed kernel that the input gradient convolves with.
 #include <algorithm>
 #include <array>
 #include <cstdint>
 #include <cstring>
-#include <functional>
 #include <utility>
 #include <vector>
 
